@@ -1,0 +1,111 @@
+"""The released chat template, the image-placeholder layout, and answer clean-up.
+
+Prompt (DESIGN §2), with the single <|image_pad|> expanded to one position per projected image token:
+
+    <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n\\n<|vision_start|>[81 x image]<|vision_end|>{question}<|im_end|>
+
+Image positions carry ids lm_vocab + j (j = 0..80): the decoder looks them up in an image-embedding
+table instead of the token embedding (TensorRT-LLM's prompt-table convention). There is no assistant
+header: the model writes `<|im_start|>assistant\\n` itself and `clean_answer` strips it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.config import (
+    IM_END_ID,
+    IM_START_ID,
+    SYSTEM_PROMPT,
+    VISION_END_ID,
+    VISION_START_ID,
+    OmniVisionConfig,
+)
+from omnivision_ros.model.tokenizer import TextTokenizer
+
+ROLE_HEADER = "<|im_start|>assistant\n"
+_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>")
+
+
+def prompt_text(question: str) -> str:
+    """The released prompt as text, with the one <|image_pad|> (for display and tests)."""
+    return (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n\n"
+        f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>"
+    )
+
+
+def image_token_ids(config: OmniVisionConfig) -> np.ndarray:
+    """Ids of the image positions: lm_vocab + j for j in 0..mp_tokens-1."""
+    return np.arange(config.lm_vocab, config.lm_vocab + config.mp_tokens, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids split at the point a second question about the same image can reuse."""
+
+    prefix_ids: np.ndarray  # system + user header + image, ends with <|vision_end|>
+    question_ids: np.ndarray  # question + <|im_end|>
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.concatenate([self.prefix_ids, self.question_ids])
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: TextTokenizer, config: OmniVisionConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        enc = tokenizer.encode
+        self._prefix = np.asarray(
+            [IM_START_ID, *enc("system\n" + SYSTEM_PROMPT), IM_END_ID, *enc("\n"),
+             IM_START_ID, *enc("user\n\n"), VISION_START_ID, *image_token_ids(config), VISION_END_ID],
+            dtype=np.int64,
+        )
+        self._prefix.setflags(write=False)
+
+    @property
+    def prefix_ids(self) -> np.ndarray:
+        return self._prefix
+
+    def question_ids(self, question: str, max_new_tokens: int = 0) -> np.ndarray:
+        question = question.strip() if isinstance(question, str) else question
+        if not isinstance(question, str) or not question:
+            raise OmniVisionError("the question is empty")
+        ids = np.asarray([*self.tokenizer.encode(question), IM_END_ID], dtype=np.int64)
+        total = len(self._prefix) + len(ids) + max_new_tokens
+        if total > self.config.lm_max_context:
+            raise OmniVisionError(
+                f"the question is too long: {len(ids)} tokens + {len(self._prefix)} prompt tokens"
+                f" + {max_new_tokens} new tokens exceed the context of {self.config.lm_max_context}"
+            )
+        return ids
+
+    def build(self, question: str, max_new_tokens: int = 0) -> Prompt:
+        return Prompt(self._prefix, self.question_ids(question, max_new_tokens))
+
+
+def clean_answer(text: str) -> str:
+    """Strip the role header the model writes itself, anything after a stop token, and outer blanks."""
+    for stop in _STOP_STRINGS:
+        cut = text.find(stop)
+        if cut >= 0:
+            text = text[:cut]
+    text = text.lstrip()
+    if text.startswith(ROLE_HEADER):
+        text = text[len(ROLE_HEADER):]
+    elif text.startswith("<|im_start|>"):
+        # A header with another role or a truncated one: drop up to the end of its line.
+        newline = text.find("\n")
+        text = "" if newline < 0 else text[newline + 1:]
+    return text.strip()
+
+
+def visible_answer(text: str) -> str:
+    """Answer text safe to stream while generating: empty while it could still be the role header."""
+    stripped = text.lstrip()
+    if ROLE_HEADER.startswith(stripped) or (stripped.startswith("<|im_start|>") and "\n" not in stripped):
+        return ""
+    return clean_answer(text)

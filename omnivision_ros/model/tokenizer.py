@@ -1,0 +1,207 @@
+"""Byte-level BPE tokenizer in the Qwen2 layout, loaded with HF `tokenizers` (no transformers, no downloads).
+
+Until real weights are loaded, presets use a synthetic tokenizer: a small BPE learnt from an embedded
+English text, filler tokens up to the regular vocabulary size, and the special tokens at their real ids.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.config import ENDOFTEXT_ID
+
+# The Qwen2 pre-tokenizer split (same regex as the released tokenizer).
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen2.5 control tokens, ids fixed by the released vocabulary.
+QWEN2_SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646,
+    "<|object_ref_end|>": 151647,
+    "<|box_start|>": 151648,
+    "<|box_end|>": 151649,
+    "<|quad_start|>": 151650,
+    "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+
+_TRAINING_TEXT = """
+You are a helpful assistant. Describe the image in detail. What do you see in this picture?
+The robot is in a kitchen. There is a red cup on the table next to a white plate. A person is
+standing near the open door, holding a blue box. The hallway is clear and the floor is grey.
+Is the door open or closed? The door is open. How many people are in the room? There are two
+people in the room. What color is the car? The car is black and parked on the street in front
+of a building with large windows. A dog sits on the grass under a tree, and the sky is bright.
+Describe the scene: a warehouse with shelves, boxes, a forklift and a yellow line on the floor.
+Where is the ball? The ball is under the chair on the left side of the image. Answer yes or no.
+""".strip()
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes map to themselves, the rest to code points >= 256."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tokenizer_json(tokens: list[str], merges: list[str], specials: dict[str, int]) -> dict:
+    """HF `tokenizers` JSON for a Qwen2-style byte-level BPE. tokens[i] is the string of regular id i."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for s, i in sorted(specials.items(), key=lambda kv: kv[1])
+        ],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+                byte_level,
+            ],
+        },
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": merges,
+        },
+    }
+
+
+def _learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training on pre-split byte-level words; ties broken by the pair itself (deterministic)."""
+    import regex
+
+    table = bytes_to_unicode()
+    words = collections.Counter(
+        tuple(table[b] for b in piece.encode("utf-8")) for piece in regex.findall(QWEN2_SPLIT_PATTERN, text)
+    )
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        merged = collections.Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def _filler_token(index: int) -> str:
+    # Readable pseudo-words, so random-weight output is legible; reachable only by decoding.
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    syllables = [c + v for c in consonants for v in vowels]
+    parts = []
+    index += 1
+    while index:
+        index, r = divmod(index, len(syllables))
+        parts.append(syllables[r])
+    return "Ġ" + "".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def synthetic_tokenizer_json() -> str:
+    """The synthetic tokenizer (deterministic), as JSON text."""
+    alphabet = [bytes_to_unicode()[b] for b in range(256)]
+    merges = _learn_merges(_TRAINING_TEXT, 400)
+    tokens = list(alphabet)
+    seen = set(tokens)
+    for a, b in merges:
+        if a + b not in seen:
+            tokens.append(a + b)
+            seen.add(a + b)
+    filler = 0
+    while len(tokens) < ENDOFTEXT_ID:
+        candidate = _filler_token(filler)
+        filler += 1
+        if candidate not in seen:
+            tokens.append(candidate)
+            seen.add(candidate)
+    data = tokenizer_json(tokens, [f"{a} {b}" for a, b in merges], QWEN2_SPECIAL_TOKENS)
+    return json.dumps(data, ensure_ascii=False)
+
+
+class TextTokenizer:
+    """Encode user text (special-token strings in it stay plain text) and decode generated ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._tok.encode_special_tokens = True  # a question cannot inject <|im_end|> and friends
+        self.special_ids = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TextTokenizer":
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise OmniVisionError(f"cannot load tokenizer {path}: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "TextTokenizer":
+        return cls(Tokenizer.from_str(text))
+
+    @classmethod
+    def synthetic(cls) -> "TextTokenizer":
+        return cls.from_json(synthetic_tokenizer_json())
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    def token_id(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise OmniVisionError(f"tokenizer has no token '{token}'")
+        return tid
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,40 @@
+import os
+
+import numpy as np
+import pytest
+
+from omnivision_ros.model.config import get_preset
+from omnivision_ros.model.tokenizer import TextTokenizer
+
+# Keep ROS traffic of parallel test runs apart.
+os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 100))
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return TextTokenizer.synthetic()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    from omnivision_ros.model.reference import OmniVisionReference
+
+    return OmniVisionReference(tiny_config, seed=0)
+
+
+@pytest.fixture
+def scene_image():
+    """A 480x640 BGR picture with distinct regions (not noise), so resizing behaves like on a photo."""
+    rng = np.random.default_rng(7)
+    img = np.zeros((480, 640, 3), np.uint8)
+    img[:240, :320] = (255, 0, 0)
+    img[:240, 320:] = (0, 255, 0)
+    img[240:, :320] = (0, 0, 255)
+    img[240:, 320:] = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    return img
