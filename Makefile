@@ -1,0 +1,19 @@
+# Development entry points. `make setup` builds the environment (scripts/setup.sh, idempotent);
+# the other targets run it first, so they work on a fresh clone.
+
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: setup test demo clean
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(PYTHON) -m pytest -q test
+
+demo: setup
+	$(VENV)/bin/omnivision-ask --preset tiny --image omnivision_ros/data/sample.jpg "What do you see?"
+
+clean:
+	rm -rf $(VENV) build install log .pytest_cache *.egg-info

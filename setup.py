@@ -1,0 +1,31 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = 'omnivision_ros'
+
+# One 'command = module:function' per line; `pip install -e .` puts them in .venv/bin,
+# `colcon build` in lib/omnivision_ros (so `ros2 run omnivision_ros <command>` finds them).
+console_scripts = [
+    'omnivision-ask = omnivision_ros.cli.ask:main',
+]
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(include=[package_name, package_name + '.*']),
+    package_data={package_name: ['data/*']},
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
+        ('share/' + package_name + '/config', glob('config/*.yaml')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='OmniVision ROS maintainers',
+    maintainer_email='omnivision@example.com',
+    description='OmniVision-968M vision-language model as a ROS 2 node.',
+    license='Apache-2.0',
+    entry_points={'console_scripts': console_scripts},
+)
