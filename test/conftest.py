@@ -28,6 +28,20 @@ def tiny_model(tiny_config):
     return OmniVisionReference(tiny_config, seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny preset (seed 0, the weights of `tiny_model`) exported once per session, fp32 + fp16.
+
+    Tests that write into a bundle (engines, corrupted files) copy it first."""
+    from omnivision_ros.export.cli import main as export_main
+    from omnivision_ros.runtime.bundle import MANIFEST
+
+    path = tmp_path_factory.getbasetemp() / "tiny-bundle"
+    if not (path / MANIFEST).is_file():
+        assert export_main(["--model", "tiny", "--out", str(path), "--fp16", "--seed", "0", "--no-progress"]) == 0
+    return path
+
+
 @pytest.fixture
 def scene_image():
     """A 480x640 BGR picture with distinct regions (not noise), so resizing behaves like on a photo."""

@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     ).validate()
     t0 = time.perf_counter()
-    backend, tokenizer = open_model(args.model or args.preset or "tiny", args.backend, args.threads)
+    backend, tokenizer = open_model(
+        args.model or args.preset or "tiny", args.backend, args.threads,
+        log=lambda line: print(f"[omnivision] {line}", file=sys.stderr),
+    )
     load_s = time.perf_counter() - t0
     pipeline = Pipeline(backend, tokenizer, gen)
 

@@ -2,17 +2,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import PRESETS
 from omnivision_ros.model.tokenizer import TextTokenizer
 from omnivision_ros.runtime.backend import Backend
+from omnivision_ros.runtime.bundle import MANIFEST
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
-def open_model(model: str, backend: str = "auto", threads: int | None = None, seed: int = 0) -> tuple[Backend, TextTokenizer]:
-    """Return (backend, tokenizer) for `model`, a preset name or a directory."""
+def open_model(
+    model: str,
+    backend: str = "auto",
+    threads: int | None = None,
+    seed: int = 0,
+    precision: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Backend, TextTokenizer]:
+    """Return (backend, tokenizer) for `model`: a preset name, a folder of GGUF files, or a bundle.
+
+    precision picks a bundle variant (fp32, fp16, ...; None = the backend's default); `log` receives
+    one-line notes such as which backend was chosen and why."""
     if backend not in BACKENDS:
         raise OmniVisionError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if model in PRESETS:
@@ -32,4 +44,42 @@ def open_model(model: str, backend: str = "auto", threads: int | None = None, se
         )
     if not path.is_dir():
         raise OmniVisionError(f"model path {model} is a file; pass the directory that holds the model files")
+    if (path / MANIFEST).is_file():
+        return _open_bundle(path, backend, threads, precision, log)
+    if any(path.glob("*.gguf")):
+        # The released weights: a qwen2 language model + an mmproj, loaded into the PyTorch reference.
+        if backend not in ("auto", "torch"):
+            raise OmniVisionError(
+                f"{model} holds GGUF files, which run on the torch reference backend only; convert them with "
+                f"`omnivision-export --model {model} --out BUNDLE` and open the bundle to use {backend}"
+            )
+        from omnivision_ros.model.gguf_loader import load_gguf_model
+        from omnivision_ros.runtime.torch_backend import TorchBackend
+
+        reference, tokenizer = load_gguf_model(path)
+        return TorchBackend(reference, threads), tokenizer
     raise OmniVisionError(f"{model} holds no model this version can load (expected a preset name)")
+
+
+def _open_bundle(
+    path: Path, backend: str, threads: int | None, precision: str | None, log: Callable[[str], None] | None
+) -> tuple[Backend, TextTokenizer]:
+    """An exported bundle: TensorRT where it can run (auto, tensorrt), else ONNX Runtime; never torch."""
+    if backend == "torch":
+        raise OmniVisionError(
+            f"{path} is an exported bundle (ONNX graphs); the torch backend runs presets and GGUF folders only. "
+            f"Use --backend auto or onnxruntime"
+        )
+    from omnivision_ros.runtime.backend_select import select_backend
+    from omnivision_ros.runtime.bundle import open_bundle
+
+    bundle = open_bundle(path)  # verifies the manifest, config and tokenizer before anything is loaded
+    tokenizer = TextTokenizer.from_file(bundle.tokenizer_path)
+    choice, _ = select_backend(backend, path, log)  # logs the choice and why
+    if choice == "tensorrt":
+        from omnivision_ros.runtime.tensorrt_backend import open_tensorrt
+
+        return open_tensorrt(path, precision=precision or "fp16", log=log), tokenizer
+    from omnivision_ros.runtime.ort_backend import OrtBackend
+
+    return OrtBackend(bundle, precision=precision, threads=threads), tokenizer

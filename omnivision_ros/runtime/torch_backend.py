@@ -18,7 +18,7 @@ class TorchSession(DecoderSession):
         self.image_embeds = image_embeds  # [1, 81, H], kept for later image ids
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
-        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
+        ids_t = torch.from_numpy(np.array(ids, dtype=np.int64)).reshape(1, -1)
         logits, self.past = self.model(ids_t, self.image_embeds, past_key_values=self.past)
         self.length += ids_t.shape[1]
         return logits[0, -1].float().numpy()

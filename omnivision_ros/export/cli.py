@@ -1,0 +1,84 @@
+"""omnivision-export: turn a GGUF folder or a preset into a model bundle (ONNX graphs + manifest)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.config import PRESETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnivision-export", description=__doc__)
+    parser.add_argument("--model", required=True, help=(
+        f"folder with the two GGUF files, or a preset ({', '.join(sorted(PRESETS))}; random weights)"))
+    parser.add_argument("--out", required=True, help="bundle directory to write")
+    parser.add_argument("--fp16", action="store_true", help="also write the float16 variant (for GPUs), in fp16/")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="then build TensorRT engines for this machine's GPU into BUNDLE/engines/")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def load_source(model: str, seed: int):
+    """(OmniVisionReference, TextTokenizer, description) for a preset name or a GGUF folder."""
+    from omnivision_ros.model.reference import OmniVisionReference
+    from omnivision_ros.model.tokenizer import TextTokenizer
+
+    if model in PRESETS:
+        source = f"preset {model}, random weights, seed {seed}"
+        return OmniVisionReference(PRESETS[model], seed=seed), TextTokenizer.synthetic(), source
+    path = Path(model)
+    if not path.is_dir():
+        raise OmniVisionError(
+            f"--model {model} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory of GGUF files"
+        )
+    try:
+        from omnivision_ros.model.gguf_loader import load_gguf_model
+    except ImportError as exc:
+        raise OmniVisionError(f"GGUF loading is not available in this install: {exc}") from exc
+    reference, tokenizer = load_gguf_model(path)
+    return reference, tokenizer, f"gguf {path.resolve()}"
+
+
+def build_tensorrt(bundle: Path) -> None:
+    """Hook for --tensorrt: engines come from omnivision_ros.export.tensorrt_build (needs TensorRT and a GPU)."""
+    try:
+        from omnivision_ros.export import tensorrt_build
+    except ImportError as exc:
+        raise OmniVisionError(f"--tensorrt: TensorRT engine building is not available here ({exc})") from exc
+    tensorrt_build.build_engines(bundle)
+
+
+def run(args: argparse.Namespace) -> int:
+    from omnivision_ros.export.bundle import export_bundle
+
+    t0 = time.perf_counter()
+    model, tokenizer, source = load_source(args.model, args.seed)
+    precisions = ("fp32", "fp16") if args.fp16 else ("fp32",)
+    out = export_bundle(model, tokenizer, args.out, precisions, source=source, force=args.force,
+                        progress=not args.no_progress)
+    del model  # the engine builder works from the files
+    print(f"wrote {out} ({', '.join(precisions)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.tensorrt:
+        build_tensorrt(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (OmniVisionError, OSError) as exc:  # OSError: the output folder cannot be written
+        print(f"omnivision-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

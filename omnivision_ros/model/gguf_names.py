@@ -1,0 +1,121 @@
+"""GGUF tensor names of the released OmniVision-968M files -> OmniVisionReference parameter names.
+
+Two files, one table each; `{bid}` is the block index. One entry per line, and a name that is not in
+a table raises: nothing is guessed. The writer of test models (export/test_model.py) uses the same
+tables, so the layout it writes and the layout the loader reads cannot drift apart (test_gguf.py checks
+the mmproj table on its own against clip.cpp's order, so the two cannot be wrong together either).
+"""
+from __future__ import annotations
+
+from omnivision_ros.errors import OmniVisionError
+
+# Language model file (`Nano-Vlm-Processor-494M-*.gguf`, arch qwen2): llama.cpp's qwen2 names.
+# The output projection is tied to token_embd in the released files (no `output.weight`);
+# a file that does carry `output.weight` gets an untied lm_head (see LM_UNTIED_OUTPUT).
+LM_TENSORS = {
+    "token_embd.weight":             "decoder.model.embed_tokens.weight",
+    "blk.{bid}.attn_norm.weight":    "decoder.model.layers.{bid}.input_layernorm.weight",
+    "blk.{bid}.attn_q.weight":       "decoder.model.layers.{bid}.self_attn.q_proj.weight",
+    "blk.{bid}.attn_q.bias":         "decoder.model.layers.{bid}.self_attn.q_proj.bias",
+    "blk.{bid}.attn_k.weight":       "decoder.model.layers.{bid}.self_attn.k_proj.weight",
+    "blk.{bid}.attn_k.bias":         "decoder.model.layers.{bid}.self_attn.k_proj.bias",
+    "blk.{bid}.attn_v.weight":       "decoder.model.layers.{bid}.self_attn.v_proj.weight",
+    "blk.{bid}.attn_v.bias":         "decoder.model.layers.{bid}.self_attn.v_proj.bias",
+    "blk.{bid}.attn_output.weight":  "decoder.model.layers.{bid}.self_attn.o_proj.weight",
+    "blk.{bid}.ffn_norm.weight":     "decoder.model.layers.{bid}.post_attention_layernorm.weight",
+    "blk.{bid}.ffn_gate.weight":     "decoder.model.layers.{bid}.mlp.gate_proj.weight",
+    "blk.{bid}.ffn_up.weight":       "decoder.model.layers.{bid}.mlp.up_proj.weight",
+    "blk.{bid}.ffn_down.weight":     "decoder.model.layers.{bid}.mlp.down_proj.weight",
+    "output_norm.weight":            "decoder.model.norm.weight",
+}
+
+# Only in files whose output projection is not tied to the embeddings.
+LM_UNTIED_OUTPUT = {
+    "output.weight":                 "decoder.lm_head.weight",
+}
+
+# Vision + projector file (`mmproj-omni-vlm-f16.gguf`, arch siglip), written by Nexa's
+# examples/omni-vlm/convert_image_encoder_to_gguf.py, which renames mlp.fc1 -> ffn_down and
+# mlp.fc2 -> ffn_up. THE TRAP: ffn_down is the up-projection fc1 (hidden -> mlp, [4304, 1152])
+# and ffn_up the down-projection fc2 (mlp -> hidden, [1152, 4304]); clip.cpp applies ffn_down first.
+MMPROJ_TENSORS = {
+    "v.patch_embd.weight":           "vision.embeddings.patch_embedding.weight",
+    "v.patch_embd.bias":             "vision.embeddings.patch_embedding.bias",
+    "v.position_embd.weight":        "vision.embeddings.position_embedding.weight",
+    "v.blk.{bid}.attn_q.weight":     "vision.encoder.layers.{bid}.self_attn.q_proj.weight",
+    "v.blk.{bid}.attn_q.bias":       "vision.encoder.layers.{bid}.self_attn.q_proj.bias",
+    "v.blk.{bid}.attn_k.weight":     "vision.encoder.layers.{bid}.self_attn.k_proj.weight",
+    "v.blk.{bid}.attn_k.bias":       "vision.encoder.layers.{bid}.self_attn.k_proj.bias",
+    "v.blk.{bid}.attn_v.weight":     "vision.encoder.layers.{bid}.self_attn.v_proj.weight",
+    "v.blk.{bid}.attn_v.bias":       "vision.encoder.layers.{bid}.self_attn.v_proj.bias",
+    "v.blk.{bid}.attn_out.weight":   "vision.encoder.layers.{bid}.self_attn.out_proj.weight",
+    "v.blk.{bid}.attn_out.bias":     "vision.encoder.layers.{bid}.self_attn.out_proj.bias",
+    "v.blk.{bid}.ln1.weight":        "vision.encoder.layers.{bid}.layer_norm1.weight",
+    "v.blk.{bid}.ln1.bias":          "vision.encoder.layers.{bid}.layer_norm1.bias",
+    "v.blk.{bid}.ffn_down.weight":   "vision.encoder.layers.{bid}.mlp.fc1.weight",
+    "v.blk.{bid}.ffn_down.bias":     "vision.encoder.layers.{bid}.mlp.fc1.bias",
+    "v.blk.{bid}.ffn_up.weight":     "vision.encoder.layers.{bid}.mlp.fc2.weight",
+    "v.blk.{bid}.ffn_up.bias":       "vision.encoder.layers.{bid}.mlp.fc2.bias",
+    "v.blk.{bid}.ln2.weight":        "vision.encoder.layers.{bid}.layer_norm2.weight",
+    "v.blk.{bid}.ln2.bias":          "vision.encoder.layers.{bid}.layer_norm2.bias",
+    "v.post_ln.weight":              "vision.post_layernorm.weight",
+    "v.post_ln.bias":                "vision.post_layernorm.bias",
+    "mm.0.weight":                   "projector.fc1.weight",
+    "mm.0.bias":                     "projector.fc1.bias",
+    "mm.2.weight":                   "projector.fc2.weight",
+    "mm.2.bias":                     "projector.fc2.bias",
+}
+
+# SigLIP's attention-pooling head: stored in the released mmproj, never used (the projector reads
+# the post-LN patch tokens). GGUF name -> shape in NumPy order, from the vision widths
+# (h = vit_hidden, m = vit_mlp). The converter squeezes the probe [1, 1, h] to [h] and keeps the
+# fused in_proj as F32 (its name does not end in ".weight").
+MMPROJ_UNUSED = {
+    "v.head.probe":                  ("h",),
+    "v.head.attention.in_weight":    ("3h", "h"),
+    "v.head.attention.in_bias":      ("3h",),
+    "v.head.attention.out.weight":   ("h", "h"),
+    "v.head.attention.out.bias":     ("h",),
+    "v.head.ln.weight":              ("h",),
+    "v.head.ln.bias":                ("h",),
+    "v.head.ffn_down.weight":        ("m", "h"),
+    "v.head.ffn_down.bias":          ("m",),
+    "v.head.ffn_up.weight":          ("h", "m"),
+    "v.head.ffn_up.bias":            ("h",),
+}
+
+
+def expand(table: dict[str, str], n_blocks: int) -> dict[str, str]:
+    """Table with `{bid}` entries repeated for blocks 0..n_blocks-1, in table order."""
+    out = {}
+    for gguf_name, param_name in table.items():
+        if "{bid}" in gguf_name:
+            for bid in range(n_blocks):
+                out[gguf_name.format(bid=bid)] = param_name.format(bid=bid)
+        else:
+            out[gguf_name] = param_name
+    return out
+
+
+def lm_names(n_layers: int, tied: bool = True) -> dict[str, str]:
+    """GGUF name -> parameter name for every tensor the language-model file must hold."""
+    names = expand(LM_TENSORS, n_layers)
+    if not tied:
+        names.update(LM_UNTIED_OUTPUT)
+    return names
+
+
+def mmproj_names(n_layers: int) -> dict[str, str]:
+    """GGUF name -> parameter name for every tensor the mmproj file must hold."""
+    return expand(MMPROJ_TENSORS, n_layers)
+
+
+def unused_shape(gguf_name: str, vit_hidden: int, vit_mlp: int) -> tuple[int, ...]:
+    """NumPy shape of a stored-but-unused mmproj tensor; raises for a name that is not one."""
+    try:
+        dims = MMPROJ_UNUSED[gguf_name]
+    except KeyError:
+        raise OmniVisionError(f"'{gguf_name}' is not a known unused mmproj tensor") from None
+    sizes = {"h": vit_hidden, "3h": 3 * vit_hidden, "m": vit_mlp}
+    return tuple(sizes[d] for d in dims)
+

@@ -1,0 +1,182 @@
+"""The ONNX Runtime backend: a bundle's graphs on the CPU provider, or the CUDA provider when present.
+
+A decoder session keeps its KV cache as OrtValues on the execution device. Each run binds the
+previous run's present K/V outputs as the next run's past inputs (IOBinding), so the cache never
+travels through NumPy; only the logits of the last position come back to the host.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.runtime.backend import Backend, DecoderSession
+from omnivision_ros.runtime.bundle import (
+    Bundle,
+    VISION_INPUTS,
+    VISION_OUTPUTS,
+    decoder_input_names,
+    decoder_output_names,
+)
+
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_io(session: ort.InferenceSession, path, inputs, outputs) -> None:
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != list(inputs) or got_out != list(outputs):
+        raise OmniVisionError(
+            f"{path}: graph inputs/outputs {got_in} -> {got_out} do not match the contract "
+            f"{list(inputs)} -> {list(outputs)}; re-export the bundle"
+        )
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, precision: str | None = None, threads: int | None = None, device: str = "auto"):
+        """precision: which variant of the bundle ("fp32", "fp16", or a derived variant's name;
+        None: fp16 on CUDA when the bundle has it, else fp32).
+        device: "auto" (CUDA when onnxruntime has the CUDA provider, else CPU), "cpu" or "cuda".
+        threads: intra-op threads (None: onnxruntime's default, one per physical core)."""
+        if device not in DEVICES:
+            raise OmniVisionError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+        has_cuda = CUDA in ort.get_available_providers()
+        if device == "cuda" and not has_cuda:
+            raise OmniVisionError(
+                "device 'cuda' asked for, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+            )
+        self.device = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+        if precision is None:
+            precision = "fp16" if self.device == "cuda" and "fp16" in bundle.variants else "fp32"
+        graphs = bundle.variant(precision)  # verifies the graph files
+        self.bundle = bundle
+        self.config = bundle.config
+        self.variant = graphs.name
+        self.precision = graphs.precision  # dtype of activations, KV cache and graph I/O
+        self.dtype = NUMPY_DTYPES[graphs.precision]
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
+        try:
+            self.vision = ort.InferenceSession(str(graphs.vision), options, providers=providers)
+            self.decoder = ort.InferenceSession(str(graphs.decoder), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types, all with a message
+            raise OmniVisionError(f"onnxruntime cannot load the {precision} graphs of {bundle.path}: {exc}") from exc
+        if self.device == "cuda" and CUDA not in self.decoder.get_providers():
+            self.device = "cpu"  # onnxruntime fell back (CUDA libraries missing): keep the cache on the host
+        self.input_names = decoder_input_names(self.config)
+        self.output_names = decoder_output_names(self.config)
+        _check_io(self.vision, graphs.vision, VISION_INPUTS, VISION_OUTPUTS)
+        _check_io(self.decoder, graphs.decoder, self.input_names, self.output_names)
+
+        c = self.config
+        # Shared, never written: every run allocates fresh present tensors. Kept on the host: a
+        # zero-size tensor costs nothing to hand to the device, and no provider sees a 0-byte buffer.
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, c.lm_kv_heads, 0, c.lm_head_dim), self.dtype))
+        self.empty_past = [empty] * len(self.input_names[3:])
+        self.no_image = self.image_table(np.zeros((c.mp_tokens, c.lm_hidden), np.float32))
+        used = self.decoder.get_providers()[0].replace("ExecutionProvider", "")
+        self.description = (
+            f"ONNX Runtime {ort.__version__} {self.variant} on {used}, "
+            f"{threads or 'default'} threads, bundle {bundle.path}"
+        )
+
+    def image_table(self, image_embeds: np.ndarray) -> ort.OrtValue:
+        """[mp_tokens, H] -> the decoder's image_embeds input [1, mp_tokens, H] on the device."""
+        c = self.config
+        table = np.asarray(image_embeds)
+        if table.shape != (c.mp_tokens, c.lm_hidden):
+            raise OmniVisionError(f"image embeddings must be [{c.mp_tokens}, {c.lm_hidden}], got {list(table.shape)}")
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(table[None], dtype=self.dtype), self.device)
+
+    def encode_images(self, pixel_values):
+        c = self.config
+        pixels = np.asarray(pixel_values)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, c.vit_image_size, c.vit_image_size):
+            raise OmniVisionError(
+                f"pixel_values must be [B, 3, {c.vit_image_size}, {c.vit_image_size}], got {list(pixels.shape)}"
+            )
+        embeds = self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=self.dtype)})[0]
+        return embeds.astype(np.float32, copy=False)  # [B, mp_tokens, H]
+
+    def new_session(self):
+        return OrtSession(self, self.empty_past, 0, self.no_image, has_image=False)
+
+    def close(self):
+        self.vision = self.decoder = None
+        self.empty_past = self.no_image = None
+
+
+class OrtSession(DecoderSession):
+    """One sequence (batch 1) whose KV cache lives in OrtValues on the backend's device."""
+
+    def __init__(self, backend: OrtBackend, past: list, length: int, image: ort.OrtValue, has_image: bool):
+        self.backend = backend
+        self.past = past  # OrtValues [1, kv, length, hd], in decoder input order
+        self.length = length
+        self.image = image
+        self.has_image = has_image
+
+    def prefill(self, ids, image_embeds=None):
+        ids = np.asarray(ids).reshape(-1)
+        if image_embeds is not None:
+            self.image = self.backend.image_table(image_embeds)
+            self.has_image = True
+        return self._run(ids)
+
+    def step(self, token_id):
+        return self._run(np.asarray([token_id]))
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        if self.past is None:
+            raise OmniVisionError("this decoder session is closed")
+        c = self.backend.config
+        if ids.size == 0:
+            raise OmniVisionError("prefill needs at least one token id")
+        limit = c.lm_vocab + c.mp_tokens
+        if ids.min() < 0 or ids.max() >= limit:
+            raise OmniVisionError(f"token ids must lie in [0, {limit}), got {ids.min()}..{ids.max()}")
+        if not self.has_image and ids.max() >= c.lm_vocab:
+            raise OmniVisionError("image positions in the ids but no image embeddings given to this session")
+        if self.length + ids.size > c.lm_max_context:
+            raise OmniVisionError(
+                f"sequence of {self.length + ids.size} tokens exceeds the context of {c.lm_max_context}"
+            )
+
+        backend = self.backend
+        input_ids = ids.astype(np.int32)[None]  # [1, T]
+        positions = np.arange(self.length, self.length + ids.size, dtype=np.int32)[None]
+        binding = backend.decoder.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("position_ids", positions)
+        binding.bind_ortvalue_input("image_embeds", self.image)
+        for name, value in zip(backend.input_names[3:], self.past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in backend.output_names[1:]:
+            binding.bind_output(name, backend.device)
+        backend.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.past = list(outputs[1:])
+        self.length += ids.size
+        return outputs[0].numpy()[0]  # [vocab] float32
+
+    def fork(self):
+        if self.past is None:
+            raise OmniVisionError("this decoder session is closed")
+        # The cache OrtValues are never written after the run that made them (the next run allocates
+        # new present tensors), so the copy can share them: forks diverge without touching each other.
+        return OrtSession(self.backend, list(self.past), self.length, self.image, self.has_image)
+
+    def close(self):
+        self.past = None
+        self.image = None
