@@ -13,7 +13,7 @@ test: setup
 	$(PYTHON) -m pytest -q test
 
 demo: setup
-	$(VENV)/bin/omnivision-ask --preset tiny --image omnivision_ros/data/sample.jpg "What do you see?"
+	$(VENV)/bin/omnivision-demo
 
 clean:
 	rm -rf $(VENV) build install log .pytest_cache *.egg-info

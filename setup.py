@@ -12,6 +12,8 @@ console_scripts = [
     'omnivision-export = omnivision_ros.export.cli:main',
     'omnivision-build-engines = omnivision_ros.export.tensorrt_build:main',
     'omnivision-verify = omnivision_ros.cli.verify:main',
+    'omnivision_node = omnivision_ros.node:main',
+    'omnivision-demo = omnivision_ros.demo:main',
 ]
 
 setup(
