@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import run_command
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_IMAGE = PACKAGE_DIR / "data" / "sample.jpg"
@@ -181,13 +181,7 @@ def stop_node(node: subprocess.Popen) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (RuntimeError, TimeoutError, OmniVisionError) as exc:
-        print(f"omnivision-demo: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command("omnivision-demo", lambda: run(args), also=(RuntimeError, TimeoutError), code=1)
 
 
 if __name__ == "__main__":

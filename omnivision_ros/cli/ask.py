@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import OmniVisionError, run_command
 from omnivision_ros.runtime.factory import BACKENDS
 
 
@@ -69,13 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except OmniVisionError as exc:
-        print(f"omnivision-ask: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("omnivision-ask", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import OmniVisionError, run_command
 
 LIMITS = {  # precision -> (embeds max |d|, logits max |d|, min cosine)
     "fp16": (0.25, 0.5, 0.999),
@@ -184,13 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except OmniVisionError as exc:
-        print(f"omnivision-verify: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("omnivision-verify", lambda: run(args))
 
 
 if __name__ == "__main__":

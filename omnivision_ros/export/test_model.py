@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import OmniVisionError, run_command
 from omnivision_ros.model import gguf_names
 from omnivision_ros.model.config import PRESETS, SPECIAL_TOKENS, OmniVisionConfig, get_preset
 from omnivision_ros.model.tokenizer import QWEN2_SPECIAL_TOKENS, synthetic_tokenizer_json
@@ -232,18 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        paths = write_test_model(args.out, args.preset, args.dtype, args.seed, progress=True)
-    except OmniVisionError as exc:
-        print(f"omnivision-make-test-model: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    for path in paths:
-        print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
-    print(f"written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0
+
+    def body() -> int:
+        t0 = time.perf_counter()
+        for path in write_test_model(args.out, args.preset, args.dtype, args.seed, progress=True):
+            print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+        print(f"written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 0
+
+    return run_command("omnivision-make-test-model", body)
 
 
 if __name__ == "__main__":
