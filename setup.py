@@ -14,6 +14,7 @@ console_scripts = [
     'omnivision-verify = omnivision_ros.cli.verify:main',
     'omnivision_node = omnivision_ros.node:main',
     'omnivision-demo = omnivision_ros.demo:main',
+    'omnivision-bench = omnivision_ros.cli.bench:main',
 ]
 
 setup(
@@ -28,6 +29,8 @@ setup(
         ('share/' + package_name + '/config', glob('config/*.yaml')),
     ],
     install_requires=['setuptools'],
+    # llama.cpp is a baseline of omnivision-bench only; it compiles from source (~20 min on 2 cores).
+    extras_require={'bench': ['llama-cpp-python==0.3.36']},
     zip_safe=True,
     maintainer='OmniVision ROS maintainers',
     maintainer_email='omnivision@example.com',

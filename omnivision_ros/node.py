@@ -128,7 +128,9 @@ class OmniVisionNode(Node):
     def _load_model(self) -> Pipeline:
         cfg = self.config
         # open_model logs which backend it chose and why.
-        backend, tokenizer = open_model(cfg.model, cfg.backend, cfg.threads, log=self.get_logger().info)
+        backend, tokenizer = open_model(
+            cfg.model, cfg.backend, cfg.threads, precision=cfg.precision, log=self.get_logger().info
+        )
         generation = GenerationConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed).validate()
         self.backend_name = backend.name
         self.backend_description = getattr(backend, "description", "")

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    parser.add_argument("--precision", default=None, help=(
+        "bundle variant: fp32, fp16, int8, int4 (default: int8 on the CPU when the bundle has it, else fp32; "
+        "fp16 on a GPU)"))
     parser.add_argument("--stream", action="store_true", help="print the answer while it is generated")
     return parser
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     ).validate()
     t0 = time.perf_counter()
     backend, tokenizer = open_model(
-        args.model or args.preset or "tiny", args.backend, args.threads,
+        args.model or args.preset or "tiny", args.backend, args.threads, precision=args.precision,
         log=lambda line: print(f"[omnivision] {line}", file=sys.stderr),
     )
     load_s = time.perf_counter() - t0

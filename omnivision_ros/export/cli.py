@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"folder with the two GGUF files, or a preset ({', '.join(sorted(PRESETS))}; random weights)"))
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument("--fp16", action="store_true", help="also write the float16 variant (for GPUs), in fp16/")
+    parser.add_argument("--cpu-variants", default="", metavar="LIST", help=(
+        "also derive CPU-optimized variants from the fp32 graphs, comma-separated: int8 (the CPU default when "
+        "present), int4; written to cpu-int8/, cpu-int4/. With --model BUNDLE --out BUNDLE (the same path) they "
+        "are added to an existing bundle"))
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     parser.add_argument("--tensorrt", action="store_true",
@@ -54,16 +58,45 @@ def build_tensorrt(bundle: Path) -> None:
     tensorrt_build.build_engines(bundle)
 
 
+def cpu_variant_kinds(text: str) -> list[str]:
+    from omnivision_ros.export.cpu_optimize import CPU_VARIANTS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in CPU_VARIANTS]
+    if unknown:
+        raise OmniVisionError(f"--cpu-variants: unknown {', '.join(unknown)}; choose from {', '.join(CPU_VARIANTS)}")
+    return kinds
+
+
+def add_cpu_variants(bundle: Path, kinds: list[str], args: argparse.Namespace) -> None:
+    from omnivision_ros.export.cpu_optimize import add_cpu_variants as add
+
+    t0 = time.perf_counter()
+    written = add(bundle, kinds, progress=not args.no_progress, force=args.force)
+    done = ", ".join(written) or "none (already present; --force rebuilds them)"
+    print(f"CPU variants in {bundle}: {done} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from omnivision_ros.export.bundle import export_bundle
+    from omnivision_ros.runtime.bundle import MANIFEST
 
+    kinds = cpu_variant_kinds(args.cpu_variants)
+    if (Path(args.model) / MANIFEST).is_file():  # an existing bundle: only CPU variants can be added to it
+        if not kinds or Path(args.out).resolve() != Path(args.model).resolve():
+            raise OmniVisionError(f"--model {args.model} is a bundle; to add CPU variants to it pass "
+                                  f"--out {args.model} --cpu-variants int8[,int4]")
+        add_cpu_variants(Path(args.out), kinds, args)
+        return 0
     t0 = time.perf_counter()
     model, tokenizer, source = load_source(args.model, args.seed)
     precisions = ("fp32", "fp16") if args.fp16 else ("fp32",)
     out = export_bundle(model, tokenizer, args.out, precisions, source=source, force=args.force,
                         progress=not args.no_progress)
-    del model  # the engine builder works from the files
+    del model  # the engine builder and the CPU variants work from the files
     print(f"wrote {out} ({', '.join(precisions)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if kinds:
+        add_cpu_variants(out, kinds, args)
     if args.tensorrt:
         build_tensorrt(out)
     return 0

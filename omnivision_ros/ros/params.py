@@ -22,6 +22,8 @@ PARAMETERS = (
     ("backend", "auto", "Inference backend: auto (TensorRT when usable, else ONNX Runtime; torch for presets), "
                         "onnxruntime, tensorrt, torch."),
     ("threads", 0, "CPU threads for inference; 0 = the library default."),
+    ("precision", "", "Bundle variant to run: fp32, fp16, int8, int4; empty = the backend's default "
+                      "(int8 on the CPU when the bundle has it, else fp32; fp16 on a GPU)."),
     ("camera_names", ["camera"], "Names of the cameras; each needs cameras.<name>.topic (and optionally "
                                  "cameras.<name>.transport)."),
     ("default_camera", "", "Camera used when a request leaves `camera` empty; empty = the first of camera_names."),
@@ -55,6 +57,7 @@ class NodeConfig:
     model: str
     backend: str
     threads: int | None
+    precision: str | None
     cameras: tuple[CameraConfig, ...]
     default_camera: str
     describe_prompt: str
@@ -138,6 +141,7 @@ def declare_and_read(node) -> NodeConfig:
         model=str(values["model"]),
         backend=str(values["backend"]),
         threads=int(values["threads"]) or None,
+        precision=str(values["precision"]) or None,
         cameras=tuple(cameras),
         default_camera=default_camera,
         describe_prompt=str(values["describe_prompt"]),

@@ -27,6 +27,11 @@ def open_model(
     one-line notes such as which backend was chosen and why."""
     if backend not in BACKENDS:
         raise OmniVisionError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if precision and not (Path(model) / MANIFEST).is_file():
+        raise OmniVisionError(
+            f"precision '{precision}' selects a variant of an exported bundle; '{model}' is not a bundle "
+            f"(presets and GGUF folders run in float32 on the torch reference)"
+        )
     if model in PRESETS:
         if backend not in ("auto", "torch"):
             raise OmniVisionError(

@@ -23,6 +23,33 @@ NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
+# Short precision names for the CPU variants that `omnivision-export --cpu-variants` derives (export/cpu_optimize.py).
+CPU_VARIANT_ALIASES = {"int8": "cpu-int8", "int4": "cpu-int4"}
+# What runs on the CPU when no precision is asked for, best first: int8 weights decode ~3.5x faster than fp32
+# and encode images ~2.5x faster, with cosine > 0.998 to fp32 (docs/performance.md); int4 is faster still
+# but drifts further from fp32 (cosine ~0.87 on random weights), so it is never picked implicitly.
+CPU_DEFAULTS = ("cpu-int8", "fp32")
+PRECISION_CHOICES = ("fp32", "fp16", *CPU_VARIANT_ALIASES)
+
+
+def resolve_variant(bundle: Bundle, precision: str | None, device: str) -> str:
+    """The bundle variant for a requested precision ("fp32", "fp16", "int8", "int4" or a variant folder name)."""
+    if precision is None:
+        if device == "cuda":
+            return "fp16" if "fp16" in bundle.variants else "fp32"
+        return next((v for v in CPU_DEFAULTS if v in bundle.variants), "fp32")
+    variant = CPU_VARIANT_ALIASES.get(precision, precision)
+    if variant not in bundle.variants:
+        hint = ""
+        if precision in CPU_VARIANT_ALIASES:
+            hint = (f"; add it with `omnivision-export --model {bundle.path} --out {bundle.path} "
+                    f"--cpu-variants {precision}`")
+        raise OmniVisionError(
+            f"bundle {bundle.path} has no '{precision}' variant (it has: {', '.join(bundle.variants)}){hint}"
+        )
+    if device == "cuda" and variant.startswith("cpu-"):
+        raise OmniVisionError(f"'{precision}' is a CPU variant (ONNX Runtime CPU kernels); use it with device 'cpu'")
+    return variant
 
 
 def _check_io(session: ort.InferenceSession, path, inputs, outputs) -> None:
@@ -39,9 +66,11 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, precision: str | None = None, threads: int | None = None, device: str = "auto"):
-        """precision: which variant of the bundle ("fp32", "fp16", or a derived variant's name;
-        None: fp16 on CUDA when the bundle has it, else fp32).
-        device: "auto" (CUDA when onnxruntime has the CUDA provider, else CPU), "cpu" or "cuda".
+        """precision: which variant of the bundle: "fp32", "fp16", "int8"/"int4" (the CPU variants cpu-int8,
+        cpu-int4) or a variant's folder name. None: fp16 on CUDA when the bundle has it, else fp32; on the CPU
+        cpu-int8 when the bundle has it, else fp32.
+        device: "auto" (CUDA when onnxruntime has the CUDA provider and the variant is not a CPU one, else
+        CPU), "cpu" or "cuda".
         threads: intra-op threads (None: onnxruntime's default, one per physical core)."""
         if device not in DEVICES:
             raise OmniVisionError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
@@ -50,9 +79,9 @@ class OrtBackend(Backend):
             raise OmniVisionError(
                 "device 'cuda' asked for, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
             )
-        self.device = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
-        if precision is None:
-            precision = "fp16" if self.device == "cuda" and "fp16" in bundle.variants else "fp32"
+        cpu_variant = CPU_VARIANT_ALIASES.get(precision, precision or "").startswith("cpu-")
+        self.device = "cuda" if device == "cuda" or (device == "auto" and has_cuda and not cpu_variant) else "cpu"
+        precision = resolve_variant(bundle, precision, self.device)
         graphs = bundle.variant(precision)  # verifies the graph files
         self.bundle = bundle
         self.config = bundle.config
