@@ -34,7 +34,7 @@ def tiny_bundle(tmp_path_factory):
 
     Tests that write into a bundle (engines, corrupted files) copy it first."""
     from omnivision_ros.export.cli import main as export_main
-    from omnivision_ros.runtime.bundle import MANIFEST
+    from omnivision_ros.model.bundle import MANIFEST
 
     path = tmp_path_factory.getbasetemp() / "tiny-bundle"
     if not (path / MANIFEST).is_file():

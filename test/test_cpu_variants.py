@@ -23,7 +23,7 @@ from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.export.cli import main as export_main
 from omnivision_ros.export.onnx_export import graph_problems
 from omnivision_ros.model.prompt import PromptBuilder
-from omnivision_ros.runtime.bundle import MANIFEST, decoder_input_names, decoder_output_names, open_bundle
+from omnivision_ros.model.bundle import MANIFEST, decoder_input_names, decoder_output_names, open_bundle
 from omnivision_ros.runtime.generator import GenerationConfig
 from omnivision_ros.runtime.ort_backend import OrtBackend
 from omnivision_ros.runtime.pipeline import Pipeline

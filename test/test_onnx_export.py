@@ -21,7 +21,7 @@ from omnivision_ros.export.cli import main as export_main
 from omnivision_ros.export.onnx_export import OPSET_RANGE, graph_problems
 from omnivision_ros.model.preprocess import preprocess
 from omnivision_ros.model.prompt import PromptBuilder
-from omnivision_ros.runtime.bundle import (
+from omnivision_ros.model.bundle import (
     MANIFEST,
     STAMP,
     decoder_input_names,

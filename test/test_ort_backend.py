@@ -10,7 +10,7 @@ import pytest
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.prompt import PromptBuilder
-from omnivision_ros.runtime.bundle import open_bundle
+from omnivision_ros.model.bundle import open_bundle
 from omnivision_ros.runtime.factory import open_model
 from omnivision_ros.runtime.generator import GenerationConfig, decode
 from omnivision_ros.runtime.ort_backend import OrtBackend

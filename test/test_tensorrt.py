@@ -73,7 +73,7 @@ def test_options_resolve_from_config_and_reject_bad_values(tiny_config):
 
 
 def test_profiles_follow_the_graph_contract(tiny_config):
-    from omnivision_ros.runtime.bundle import decoder_input_names
+    from omnivision_ros.model.bundle import decoder_input_names
 
     c = tiny_config
     opts = te.EngineOptions(max_cameras=3, max_context=256, max_prefill=100).resolved(c)
@@ -663,7 +663,7 @@ def _cos(a, b):
 def reference(bundle):
     """ONNX Runtime fp32 on the CPU: pixels, image embeddings, prefill logits and 8 greedy steps."""
     from omnivision_ros.model.preprocess import load_image, preprocess
-    from omnivision_ros.runtime.bundle import open_bundle
+    from omnivision_ros.model.bundle import open_bundle
     from omnivision_ros.runtime.ort_backend import OrtBackend
 
     b = open_bundle(bundle)

@@ -241,7 +241,7 @@ def worker(args: argparse.Namespace) -> int:
         result = measure_pipeline(backend, tokenizer, image, args.runs, args.new_tokens)
     elif name.startswith("ort-"):
         from omnivision_ros.model.tokenizer import TextTokenizer
-        from omnivision_ros.runtime.bundle import open_bundle
+        from omnivision_ros.model.bundle import open_bundle
         from omnivision_ros.runtime.ort_backend import OrtBackend
 
         bundle = open_bundle(work / "bundle")
@@ -255,7 +255,7 @@ def worker(args: argparse.Namespace) -> int:
                                      for f in (entry["vision"], entry["decoder"], *entry.get("data", [])))
     elif name in LLAMA_FILES:
         from omnivision_ros.model.tokenizer import TextTokenizer
-        from omnivision_ros.runtime.bundle import open_bundle
+        from omnivision_ros.model.bundle import open_bundle
 
         folder, file = LLAMA_FILES[name]
         path = work / folder / file

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from omnivision_ros.model.preprocess import load_image, preprocess
     from omnivision_ros.model.prompt import PromptBuilder
     from omnivision_ros.model.tokenizer import TextTokenizer
-    from omnivision_ros.runtime.bundle import open_bundle
+    from omnivision_ros.model.bundle import open_bundle
     from omnivision_ros.runtime.tensorrt_backend import open_tensorrt, tensorrt_status
 
     ok, detail = tensorrt_status()

@@ -1,4 +1,4 @@
-"""Write a model bundle: config, tokenizer, ONNX graphs per precision, manifest (see runtime/bundle.py).
+"""Write a model bundle: config, tokenizer, ONNX graphs per precision, manifest (see model/bundle.py).
 
 The bundle is assembled in a scratch directory beside the destination and moved into place at the
 end, so an interrupted export never leaves a half-written bundle that looks complete.
@@ -21,7 +21,7 @@ from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.export.onnx_export import OPSET, export_decoder, export_vision
 from omnivision_ros.model.reference import OmniVisionReference
 from omnivision_ros.model.tokenizer import TextTokenizer
-from omnivision_ros.runtime.bundle import (
+from omnivision_ros.model.bundle import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,

@@ -79,7 +79,7 @@ def add_cpu_variants(bundle: Path, kinds: list[str], args: argparse.Namespace) -
 
 def run(args: argparse.Namespace) -> int:
     from omnivision_ros.export.bundle import export_bundle
-    from omnivision_ros.runtime.bundle import MANIFEST
+    from omnivision_ros.model.bundle import MANIFEST
 
     kinds = cpu_variant_kinds(args.cpu_variants)
     if (Path(args.model) / MANIFEST).is_file():  # an existing bundle: only CPU variants can be added to it

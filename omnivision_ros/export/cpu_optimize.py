@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
-from omnivision_ros.runtime.bundle import (
+from omnivision_ros.model.bundle import (
     MANIFEST,
     STAMP,
     decoder_input_names,

@@ -31,7 +31,7 @@ from torch import nn
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
 from omnivision_ros.model.reference import OmniVisionReference
-from omnivision_ros.runtime.bundle import (
+from omnivision_ros.model.bundle import (
     decoder_input_names,
     decoder_output_names,
     VISION_INPUTS,

@@ -246,7 +246,7 @@ def build_engines(
 
     options=None: defaults, from the fp16 graphs when the bundle has them, else fp32.
     """
-    from omnivision_ros.runtime.bundle import open_bundle
+    from omnivision_ros.model.bundle import open_bundle
     from omnivision_ros.runtime.tensorrt_backend import engine_target, gpu_info, import_tensorrt, variant_sources
 
     trt = import_tensorrt()

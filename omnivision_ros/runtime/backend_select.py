@@ -39,7 +39,7 @@ def tensorrt_readiness(bundle_path: str | Path, precision: str = "fp16") -> tupl
     if built:
         return True, f"{detail}; engines in {te.ENGINES_DIR}/{built[-1]}"
     try:
-        from omnivision_ros.runtime.bundle import open_bundle
+        from omnivision_ros.model.bundle import open_bundle
 
         variants = open_bundle(root, verify="sizes").variants
     except OmniVisionError as exc:

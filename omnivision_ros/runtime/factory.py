@@ -8,7 +8,7 @@ from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import PRESETS
 from omnivision_ros.model.tokenizer import TextTokenizer
 from omnivision_ros.runtime.backend import Backend
-from omnivision_ros.runtime.bundle import MANIFEST
+from omnivision_ros.model.bundle import MANIFEST
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -76,7 +76,7 @@ def _open_bundle(
             f"Use --backend auto or onnxruntime"
         )
     from omnivision_ros.runtime.backend_select import select_backend
-    from omnivision_ros.runtime.bundle import open_bundle
+    from omnivision_ros.model.bundle import open_bundle
 
     bundle = open_bundle(path)  # verifies the manifest, config and tokenizer before anything is loaded
     tokenizer = TextTokenizer.from_file(bundle.tokenizer_path)

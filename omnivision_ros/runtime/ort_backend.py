@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.runtime.backend import Backend, DecoderSession
-from omnivision_ros.runtime.bundle import (
+from omnivision_ros.model.bundle import (
     Bundle,
     VISION_INPUTS,
     VISION_OUTPUTS,

@@ -31,7 +31,7 @@ from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
 from omnivision_ros.runtime import trt_engines as te
 from omnivision_ros.runtime.backend import Backend, DecoderSession
-from omnivision_ros.runtime.bundle import decoder_input_names, decoder_output_names, open_bundle
+from omnivision_ros.model.bundle import decoder_input_names, decoder_output_names, open_bundle
 
 TENSORRT_MISSING = (
     "the `tensorrt` Python package is not installed (on a Jetson it comes with JetPack: "
