@@ -42,6 +42,10 @@ from omnivision_ros.runtime.pipeline import Answer, Pipeline
 from omnivision_ros.worker import CANCELLED, DONE, FAILED, LOADING, READY, InferenceWorker, Job
 
 NODE_NAME = "omnivision_node"
+NO_MODEL = ("no model configured: set the node's `model` parameter to a model bundle directory written by "
+            "omnivision-export, e.g. `ros2 launch omnivision_ros vlm.launch.py model:=/path/to/bundle` or "
+            "`ros2 run omnivision_ros omnivision_node --ros-args -p model:=/path/to/bundle` "
+            "(`model:=tiny` runs a random-weight test model on torch)")
 # Bad parameter values or types (the names differ between rclpy releases).
 _PARAMETER_ERRORS = (OmniVisionError,) + tuple(
     getattr(rclpy.exceptions, name) for name in
@@ -127,6 +131,8 @@ class OmniVisionNode(Node):
 
     def _load_model(self) -> Pipeline:
         cfg = self.config
+        if not cfg.model.strip():
+            raise OmniVisionError(NO_MODEL)
         # open_model logs which backend it chose and why.
         backend, tokenizer = open_model(
             cfg.model, cfg.backend, cfg.threads, precision=cfg.precision, log=self.get_logger().info

@@ -1,7 +1,8 @@
-"""Load omnivision_interfaces' shared libraries before the package is first imported.
+"""Load a colcon-built interface package's shared libraries before the package is first imported.
 
 scripts/setup.sh copies this module into the venv's site-packages and calls install() from a
-.pth file with the library directory of the colcon-built omnivision_interfaces.
+.pth file with the library directory of each interface package it builds (omnivision_interfaces,
+and composition_interfaces for launch_ros).
 
 rosidl looks a message package's typesupport libraries up at run time with dlopen by file
 name, and the dynamic loader searches LD_LIBRARY_PATH only as it was when the process
@@ -15,18 +16,17 @@ import glob
 import os
 import sys
 
-PACKAGE = 'omnivision_interfaces'
-
 
 class _PreloadFinder:
     """Meta path finder that only loads the libraries, then lets the normal import run."""
 
-    def __init__(self, lib_dir):
+    def __init__(self, lib_dir, package):
         self.lib_dir = lib_dir
+        self.package = package
         self.loaded = False
 
     def find_spec(self, name, path=None, target=None):
-        if name == PACKAGE and not self.loaded:
+        if name == self.package and not self.loaded:
             self.loaded = True
             for lib in sorted(glob.glob(os.path.join(self.lib_dir, 'lib*.so'))):
                 try:
@@ -38,6 +38,6 @@ class _PreloadFinder:
         return None
 
 
-def install(lib_dir):
+def install(lib_dir, package='omnivision_interfaces'):
     if os.path.isdir(lib_dir):
-        sys.meta_path.insert(0, _PreloadFinder(lib_dir))
+        sys.meta_path.insert(0, _PreloadFinder(lib_dir, package))

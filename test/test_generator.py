@@ -5,7 +5,6 @@ from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.runtime.backend import DecoderSession
 from omnivision_ros.runtime.generator import GenerationConfig, Sampler, decode
 from omnivision_ros.runtime.pipeline import Pipeline
-from omnivision_ros.runtime.torch_backend import TorchBackend
 
 
 class ScriptedSession(DecoderSession):
@@ -73,6 +72,8 @@ def test_invalid_generation_config(bad):
 
 
 def test_greedy_is_deterministic_on_the_model(tiny_model, tokenizer, scene_image):
+    from omnivision_ros.runtime.torch_backend import TorchBackend
+
     pipe = Pipeline(TorchBackend(tiny_model), tokenizer, GenerationConfig(max_new_tokens=12))
     first = pipe.ask(scene_image, "What is this?")
     pipe.clear_caches()
@@ -82,6 +83,8 @@ def test_greedy_is_deterministic_on_the_model(tiny_model, tokenizer, scene_image
 
 
 def test_seeded_sampling_on_the_model(tiny_model, tokenizer, scene_image):
+    from omnivision_ros.runtime.torch_backend import TorchBackend
+
     pipe = Pipeline(TorchBackend(tiny_model), tokenizer)
     gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, stop_token_ids=())
     a = pipe.ask(scene_image, "What is this?", generation=gen)
@@ -92,6 +95,8 @@ def test_seeded_sampling_on_the_model(tiny_model, tokenizer, scene_image):
 
 
 def test_streaming_callback_builds_the_answer(tiny_model, tokenizer, scene_image):
+    from omnivision_ros.runtime.torch_backend import TorchBackend
+
     pipe = Pipeline(TorchBackend(tiny_model), tokenizer, GenerationConfig(max_new_tokens=8))
     updates = []
     answer = pipe.ask(scene_image, "What is this?", on_text=updates.append)

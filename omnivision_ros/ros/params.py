@@ -17,8 +17,9 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 # name, default, description (one line per parameter; config/omnivision.yaml documents each).
 PARAMETERS = (
-    ("model", "tiny", "Model bundle directory (from omnivision-export), folder of GGUF files, or preset name "
-                      "(tiny, omnivision-968m: random weights, torch backend)."),
+    ("model", "", "Model bundle directory (from omnivision-export), folder of GGUF files, or preset name "
+                  "(tiny, omnivision-968m: random weights, torch backend); empty = none yet (the node "
+                  "says how to give it one)."),
     ("backend", "auto", "Inference backend: auto (TensorRT when usable, else ONNX Runtime; torch for presets), "
                         "onnxruntime, tensorrt, torch."),
     ("threads", 0, "CPU threads for inference; 0 = the library default."),

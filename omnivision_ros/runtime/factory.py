@@ -1,6 +1,7 @@
 """Open a model by name or path: a preset (random weights), a folder of GGUF files, or a model bundle."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ def open_model(
                 f"preset '{model}' runs on the torch reference backend only; export a bundle with "
                 f"`omnivision-export --model {model} --out DIR` to use {backend}"
             )
+        _require_torch(f"preset '{model}'")
         from omnivision_ros.model.reference import OmniVisionReference
         from omnivision_ros.runtime.torch_backend import TorchBackend
 
@@ -58,12 +60,24 @@ def open_model(
                 f"{model} holds GGUF files, which run on the torch reference backend only; convert them with "
                 f"`omnivision-export --model {model} --out BUNDLE` and open the bundle to use {backend}"
             )
+        _require_torch(f"the GGUF folder {model}")
         from omnivision_ros.model.gguf_loader import load_gguf_model
         from omnivision_ros.runtime.torch_backend import TorchBackend
 
         reference, tokenizer = load_gguf_model(path)
         return TorchBackend(reference, threads), tokenizer
     raise OmniVisionError(f"{model} holds no model this version can load (expected a preset name)")
+
+
+def _require_torch(what: str) -> None:
+    # Robots run bundles without torch (requirements-node.txt); say what to do instead of an ImportError.
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise OmniVisionError(
+            f"{what} runs on the torch reference backend, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed here; "
+            f"export a bundle with `omnivision-export` where torch is installed and give its directory instead"
+        )
 
 
 def _open_bundle(
