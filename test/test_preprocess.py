@@ -1,6 +1,7 @@
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.preprocess import load_image, preprocess, preprocess_batch
@@ -34,10 +35,69 @@ def test_channel_order_is_rgb(tiny_config):
     assert px[0].max() == pytest.approx(-1.0) and px[1].max() == pytest.approx(-1.0)
 
 
-def test_resize_is_bicubic_without_keeping_aspect(tiny_config, scene_image):
-    px = preprocess(scene_image, tiny_config, "bgr")
-    expected = cv2.resize(scene_image[:, :, ::-1], (384, 384), interpolation=cv2.INTER_CUBIC)
-    np.testing.assert_allclose(px, (expected.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5, atol=1e-6)
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A BGR picture with smooth gradients, hard edges and fine texture, like a camera frame."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1),
+                    127 + 120 * np.sin(x / 7.0) * np.cos(y / 11.0)], axis=2)
+    img[height // 3: height // 2, width // 4: width // 2] = (20, 220, 40)
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def pillow_reference(bgr: np.ndarray) -> np.ndarray:
+    """What the model was trained on: Pillow bicubic straight to 384x384, then /255, mean = std = 0.5."""
+    resized = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])).resize((384, 384), Image.BICUBIC)
+    return ((np.asarray(resized, np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+SIZES = [(480, 640), (1080, 1920), (720, 1280), (240, 320), (1000, 300), (384, 384), (500, 384), (31, 2000)]
+
+
+@pytest.mark.parametrize("height, width", SIZES)
+def test_resize_is_pillow_bicubic_without_keeping_aspect(tiny_config, height, width):
+    image = photo(height, width)
+    px = preprocess(image, tiny_config, "bgr")
+    assert px.shape == (3, 384, 384)
+    np.testing.assert_allclose(px, pillow_reference(image), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", SIZES[:5])
+def test_matches_the_transformers_siglip_processor(tiny_config, height, width):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed in this environment")
+    processor = transformers.SiglipImageProcessorPil(size={"height": 384, "width": 384})
+    image = photo(height, width, seed=1)
+    expected = processor(images=Image.fromarray(image[:, :, ::-1].copy()), return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(preprocess(image, tiny_config, "bgr"), expected, rtol=0, atol=1e-5)
+
+
+def test_shrinking_is_antialiased(tiny_config):
+    # One-pixel stripes shrunk 5x: an antialiased filter averages them to an even grey, a plain
+    # bicubic interpolation (OpenCV's INTER_CUBIC) samples them into bands.
+    stripes = np.zeros((1920, 1920, 3), np.uint8)
+    stripes[:, ::2] = 255
+    px = preprocess(stripes, tiny_config, "bgr")
+    aliased = cv2.resize(stripes, (384, 384), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 127.5 - 1
+    assert float(px.std()) < 0.02 < float(aliased.std())
+
+
+def test_files_keep_their_exif_rotation(tmp_path):
+    # Stored landscape (40 wide, 20 high), left half red; orientation 6 = show rotated 90 degrees
+    # clockwise, so the upright picture is portrait with red on top.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    bgr = load_image(str(path))
+    assert bgr.shape == (40, 20, 3)
+    top, bottom = bgr[:15].reshape(-1, 3).mean(0), bgr[25:].reshape(-1, 3).mean(0)
+    assert top[2] > 200 and top[0] < 50 and bottom.max() < 50  # BGR: red is channel 2
+    plain = tmp_path / "plain.png"
+    Image.fromarray(stored).save(plain)
+    np.testing.assert_array_equal(load_image(str(plain)), stored[:, :, ::-1])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 1001, 3), (383, 385, 3), (2000, 31, 3)])

@@ -1,8 +1,15 @@
-"""Camera image -> SigLIP pixel values: RGB, bicubic resize to 384x384 (aspect not kept), /255, mean=std=0.5."""
+"""Camera image -> SigLIP pixel values: RGB, bicubic resize to 384x384 (aspect not kept), /255, mean=std=0.5.
+
+As the model was trained: the Hugging Face SiglipImageProcessor resizes with Pillow's bicubic
+filter, which is antialiased when it shrinks (its support widens with the scale). OpenCV's
+INTER_CUBIC is not, and samples another grid: on 1920x1080 frames it is several uint8 levels off
+on average. So the resize is Pillow's, for camera frames and files alike.
+"""
 from __future__ import annotations
 
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
@@ -36,15 +43,20 @@ def to_rgb(image: np.ndarray, color_order: str = "bgr") -> np.ndarray:
 
 def preprocess(image: np.ndarray, config: OmniVisionConfig, color_order: str = "bgr") -> np.ndarray:
     """Return float32 pixel values [3, S, S] (S = vit_image_size) in [-1, 1]."""
-    rgb = to_rgb(image, color_order)
-    size = config.vit_image_size
-    if rgb.shape[:2] != (size, size):
-        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
+    rgb = resize(to_rgb(image, color_order), config.vit_image_size)
     pixels = rgb.astype(np.float32) * (1.0 / 255.0)
     mean = np.asarray(config.vit_image_mean, dtype=np.float32)
     std = np.asarray(config.vit_image_std, dtype=np.float32)
     pixels = (pixels - mean) / std
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # [3, S, S]
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3 uint8 with Pillow's bicubic filter (Pillow returns an image of
+    the target size unchanged, so that case is skipped here)."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def preprocess_batch(images: list[np.ndarray], config: OmniVisionConfig, color_order: str = "bgr") -> np.ndarray:
@@ -53,13 +65,16 @@ def preprocess_batch(images: list[np.ndarray], config: OmniVisionConfig, color_o
 
 
 def load_image(path: str) -> np.ndarray:
-    """Read an image file as BGR uint8, with a clear error when it is missing or not an image."""
+    """Read an image file as BGR uint8, upright: the EXIF orientation of a phone or camera photo is
+    applied (as its owner sees it, and as transformers' load_image does). Clear errors when the file is
+    missing or not an image."""
     import os
 
     if not os.path.isfile(path):
         raise OmniVisionError(f"image file not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise OmniVisionError(f"cannot decode image file {path}: not a readable image (jpg/png/bmp/...)")
-    return image
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise OmniVisionError(f"cannot decode image file {path}: not a readable image (jpg/png/bmp/...): {exc}") from exc
+    return np.ascontiguousarray(rgb[:, :, ::-1])
