@@ -23,9 +23,10 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_config):
-    from omnivision_ros.model.reference import OmniVisionReference
+    pytest.importorskip("torch", reason="the model's PyTorch modules need torch")
+    from omnivision_ros.model.vision_language_model import OmniVisionModel
 
-    return OmniVisionReference(tiny_config, seed=0)
+    return OmniVisionModel.random(tiny_config, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,7 @@ def tiny_bundle(tmp_path_factory):
     """The tiny preset (seed 0, the weights of `tiny_model`) exported once per session, fp32 + fp16.
 
     Tests that write into a bundle (engines, corrupted files) copy it first."""
+    pytest.importorskip("torch", reason="exporting a bundle needs torch")
     from omnivision_ros.export.cli import main as export_main
     from omnivision_ros.model.bundle import MANIFEST
 

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.config import ENDOFTEXT_ID, IM_END_ID
+from omnivision_ros.model.tokens import STOP_TOKEN_IDS
 from omnivision_ros.runtime.backend import DecoderSession
 
 
@@ -19,7 +19,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default=(IM_END_ID, ENDOFTEXT_ID))
+    stop_token_ids: tuple[int, ...] = field(default=STOP_TOKEN_IDS)
 
     def validate(self) -> "GenerationConfig":
         if self.max_new_tokens < 1:
