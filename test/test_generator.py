@@ -98,13 +98,12 @@ def sampling_case(request):
     return logits, GenerationConfig(temperature=temperature, top_p=top_p, seed=3)
 
 
-def test_top_p_set_is_the_exact_one(sampling_case):
-    logits, config = sampling_case
-    if config.top_p == 1:
-        pytest.skip("no top-p set")
-    sampler = Sampler(config)
+@pytest.mark.parametrize("vocab, scale, temperature, top_p", [case for case in SAMPLING_CASES if case[3] < 1])
+def test_top_p_set_is_the_exact_one(vocab, scale, temperature, top_p):
+    logits = (np.random.default_rng(vocab).standard_normal(vocab) * scale).astype(np.float32)
+    sampler = Sampler(GenerationConfig(temperature=temperature, top_p=top_p))
     ids, cumulative = sampler.nucleus(sampler.probabilities(logits))
-    expected = exact_probabilities(logits, config.temperature, config.top_p)
+    expected = exact_probabilities(logits, temperature, top_p)
     order = np.argsort(-expected, kind="stable")[: np.count_nonzero(expected)]
     assert ids.tolist() == order.tolist()  # the same tokens, in the same order
     assert np.all(np.diff(cumulative) > 0)
