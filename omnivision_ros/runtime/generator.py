@@ -75,7 +75,7 @@ class Sampler:
 
     BLOCK = 256  # tokens per block of the two-level draw
     HEAD = float(np.exp(-6))  # tokens at least this probable relative to the most probable one: the head
-    SORT_LIMIT = 2048  # most tokens ever sorted
+    SORT_LIMIT = 2048  # most tokens a draw sorts
     MAX_TRIES = 16  # rejection tries before the bracketing search (`_bracket`) takes over
     # Probability thresholds (relative to the most probable token) tried from the top: e^-1 ... e^-64, all.
     PROBES = tuple(float(np.exp(-d)) for d in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)) + (0.0,)
@@ -123,14 +123,13 @@ class Sampler:
         mask = np.greater_equal(p, threshold, out=self._mask[:p.size])
         return float(np.dot(p, mask)), int(np.count_nonzero(mask))
 
-    def _scan(self, p: np.ndarray, target: float, stop_count: float):
-        """Thresholds from the top until {p >= lo} holds the target mass or more than stop_count tokens.
-        Returns (hi, its mass, its count, lo, its mass, its count); {p >= hi} holds less than the target,
-        so all of it is in the top-p set."""
+    def _scan(self, p: np.ndarray, target: float):
+        """Thresholds from the top until {p >= lo} holds the target mass. Returns (hi, its mass, its count,
+        lo, its mass, its count); {p >= hi} holds less than the target, so all of it is in the top-p set."""
         hi, hi_mass, hi_count = np.inf, 0.0, 0
         for lo in self.PROBES:
             lo_mass, lo_count = self._probe(p, lo)
-            if lo_mass >= target or lo_count > stop_count:
+            if lo_mass >= target:
                 break
             hi, hi_mass, hi_count = lo, lo_mass, lo_count
         return hi, hi_mass, hi_count, lo, lo_mass, lo_count
@@ -170,7 +169,7 @@ class Sampler:
         from `sample_exact`'s only where a prefix's mass lies that close to top_p.
         """
         target = self.config.top_p * float(p.sum())
-        hi, hi_mass, hi_count, lo, lo_mass, lo_count = self._scan(p, target, np.inf)
+        hi, hi_mass, hi_count, lo, lo_mass, lo_count = self._scan(p, target)
         while lo_count - hi_count > self.SORT_LIMIT:
             # Probe a window around the interpolated crossing (over log-probability), sized to hold about
             # SORT_LIMIT / 2 tokens if they spread evenly: usually one round suffices.
