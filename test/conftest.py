@@ -11,7 +11,7 @@ from omnivision_ros.model.tokenizer import TextTokenizer
 # Test modules that import torch, transformers or the export tools at their top; where those are
 # not installed they are reported as skipped instead of failing to import.
 NEEDS_TORCH = {"test_cli.py", "test_cpu_variants.py", "test_gguf.py", "test_onnx_export.py", "test_projector.py",
-               "test_reference.py"}
+               "test_model.py", "test_parity.py"}
 
 # Keep ROS traffic of parallel test runs apart.
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 100))
@@ -37,9 +37,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_config):
     skip_without_torch()
-    from omnivision_ros.model.reference import OmniVisionReference
+    from omnivision_ros.model.vision_language_model import OmniVisionModel
 
-    return OmniVisionReference(tiny_config, seed=0)
+    return OmniVisionModel.random(tiny_config, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,22 @@ def test_bad_input_gives_a_clear_error(args, message):
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_runs_every_system_on_the_tiny_preset(tmp_path):
+    """omnivision-bench end to end at the tiny size: GGUF files written, a bundle and its CPU variants
+    exported, each system measured in its own process; the torch backend and ONNX Runtime fp32 agree."""
+    import json
+
+    pytest.importorskip("torch", reason="the bench writes and exports models with torch")
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "omnivision_ros.cli.bench", "--preset", "tiny", "--work", str(tmp_path / "work"),
+         "--runs", "1", "--new-tokens", "2", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert list(report["medians"]) == ["torch", "ort-fp32", "ort-int8", "ort-int4"]
+    same = report["accuracy"]["torch vs ort-fp32"]
+    assert same["embeds_cosine"] > 0.99999 and same["logits_cosine"] > 0.99999
+    assert same["greedy"]["leading_equal"] == 2

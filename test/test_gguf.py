@@ -6,25 +6,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.export.test_model import encode, main, tensor_type, write_test_model
 from omnivision_ros.model import gguf_names
 from omnivision_ros.model.gguf_loader import (
     GGUFFile,
     config_from_gguf,
     find_gguf_files,
     load_gguf_model,
+    model_tensor,
     tokenizer_from_gguf,
 )
-from omnivision_ros.model.reference import OmniVisionReference
-from omnivision_ros.model.tokenizer import QWEN2_SPECIAL_TOKENS
+from omnivision_ros.model.tokens import ADDED_TOKENS, STOP_TOKEN_IDS
+
+torch = pytest.importorskip("torch", reason="GGUF files load into the model's PyTorch modules")
+
+from omnivision_ros.export.make_test_model import encode, main, tensor_type, write_test_model  # noqa: E402
+from omnivision_ros.model.vision_language_model import OmniVisionModel  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "omnivision_ros" / "data" / "sample.jpg"
 SEED = 3
@@ -32,7 +36,14 @@ SEED = 3
 
 @pytest.fixture(scope="module")
 def source(tiny_config):
-    return OmniVisionReference(tiny_config, seed=SEED)
+    return OmniVisionModel.random(tiny_config, SEED)
+
+
+def logits_of(model, ids, image):
+    c = model.config
+    ids = torch.as_tensor(ids, dtype=torch.int32)[None]
+    past = [torch.zeros(1, c.lm_kv_heads, 0, c.lm_head_dim)] * (2 * c.lm_layers)
+    return model(ids, image, torch.arange(ids.shape[1], dtype=torch.int32)[None], *past)[0]
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +90,11 @@ def test_gguf_dims_are_reversed_on_disk(written, tiny_config):
 def test_round_trip_every_tensor(dtype, loaded, source):
     model, _ = loaded[dtype]
     names = {**gguf_names.lm_names(2), **gguf_names.mmproj_names(2)}
-    src = dict(source.named_parameters())
-    got = dict(model.named_parameters())
-    assert set(got) == set(src)
-    for gguf_name, param_name in names.items():
-        x = src[param_name].detach().numpy()
+    for gguf_name, target in names.items():
+        x = model_tensor(source, target).numpy()
         qtype = tensor_type(gguf_name, x.ndim, x.shape[-1], dtype)
         expected = dequantize(encode(x, qtype), qtype)  # exactly what the file can hold
-        np.testing.assert_array_equal(got[param_name].detach().numpy(), expected, err_msg=gguf_name)
+        np.testing.assert_array_equal(model_tensor(model, target).numpy(), expected, err_msg=gguf_name)
         bound = {"f32": 0.0, "f16": 1e-3, "q8_0": 1.5e-2}[dtype] * max(float(np.abs(x).max()), 1e-6)
         assert float(np.abs(expected - x).max()) <= bound, gguf_name
 
@@ -97,12 +105,12 @@ def test_loaded_model_gives_the_source_logits(loaded, source, tiny_config, token
     pixels = torch.randn(1, 3, 384, 384)
     embeds = model.encode_images(pixels)
     torch.testing.assert_close(embeds, source.encode_images(pixels), rtol=0, atol=1e-6)
-    ids = torch.tensor([tokenizer.encode("Is the door open?") + [tiny_config.lm_vocab + 4, 151645]])
-    logits, _ = model(ids, embeds)
-    expected, _ = source(ids, embeds)
+    ids = tokenizer.encode("Is the door open?") + [tiny_config.lm_vocab + 4, 151645]
+    logits = logits_of(model, ids, embeds)
+    expected = logits_of(source, ids, embeds)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
-    assert model.decoder.lm_head.weight is model.decoder.model.embed_tokens.weight  # tied, as released
-    f16_logits, _ = loaded["f16"][0](ids, embeds)
+    assert model.language_model.lm_head is None  # tied to the token embedding, as released
+    f16_logits = logits_of(loaded["f16"][0], ids, embeds)
     torch.testing.assert_close(f16_logits, expected, rtol=0, atol=0.05)
 
 
@@ -113,13 +121,41 @@ def test_tokenizer_from_gguf(written, tokenizer):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert ids == tokenizer.encode(text)  # same vocabulary and merges as the synthetic tokenizer
-    for name, tid in QWEN2_SPECIAL_TOKENS.items():
-        if tid <= 151655:
-            assert tok.token_id(name) == tid
+    for name, (tid, control) in ADDED_TOKENS.items():
+        assert tok.token_id(name) == tid
+        assert (tok.encode(name) == [tid]) is not control, name  # user text cannot inject control tokens
     assert tok.special_ids["<|im_end|>"] == 151645 and tok.special_ids["<|image_pad|>"] == 151655
-    assert tok.encode("<|im_end|>") != [151645]  # user text cannot inject control tokens
-    assert tok.encode("<tool_call>") == [151657]  # USER_DEFINED: an added, non-special token
+    assert {tok.special_ids[tok.decode([i])] for i in STOP_TOKEN_IDS} == set(STOP_TOKEN_IDS)
     assert tok.decode([151700]) == ""  # llama.cpp's [PAD] fillers decode to nothing
+
+
+# --- the name tables against independent sources -------------------------------------------------
+
+def lm_table_mismatches(table):
+    """Entries of a language-model table that gguf-py's qwen2 map names otherwise: our parameter -> its
+    transformers name (hf_names.py, held to transformers by the parity tests) -> gguf-py's GGUF name."""
+    from hf_names import HF_QWEN2, expand
+
+    blocks = 3
+    to_hf = expand(HF_QWEN2, blocks)
+    gguf_py = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, blocks)
+    wrong = []
+    for gguf_name, target in gguf_names.expand(table, blocks).items():
+        expected = gguf_py.get_name(to_hf[target], try_suffixes=(".weight", ".bias"))
+        if expected != gguf_name:
+            wrong.append(f"{gguf_name} -> {target}, gguf-py: {expected}")
+    return wrong
+
+
+def test_language_model_table_follows_gguf_py():
+    assert lm_table_mismatches(gguf_names.LM_TENSORS) == []
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 1).get_name(
+        "lm_head.weight", try_suffixes=(".weight",)) == next(iter(gguf_names.LM_UNTIED_OUTPUT))
+    # gate and up have the same shape: loading and the round trip cannot tell them apart, this check does.
+    swapped = dict(gguf_names.LM_TENSORS)
+    swapped["blk.{bid}.ffn_gate.weight"], swapped["blk.{bid}.ffn_up.weight"] = (
+        swapped["blk.{bid}.ffn_up.weight"], swapped["blk.{bid}.ffn_gate.weight"])
+    assert len(lm_table_mismatches(swapped)) == 2 * 3
 
 
 # --- the fc1/fc2 trap ----------------------------------------------------------------------------
@@ -155,14 +191,14 @@ def _siglip_as_clip_cpp(f: GGUFFile, config, pixels: np.ndarray) -> np.ndarray:
 def test_vision_ffn_down_is_fc1_as_in_clip_cpp(written, loaded, source, tiny_config):
     _, mmproj_path = find_gguf_files(written["f32"])
     f = GGUFFile(mmproj_path)
-    fc1 = source.vision.encoder.layers[0].mlp.fc1.weight.detach().numpy()
+    fc1 = source.vision.blocks[0].fc1.weight.numpy()
     assert tiny_config.vit_mlp != tiny_config.vit_hidden  # so shapes tell fc1 from fc2
     assert f.shape("v.blk.0.ffn_down.weight") == (tiny_config.vit_mlp, tiny_config.vit_hidden) == fc1.shape
     np.testing.assert_array_equal(f.array("v.blk.0.ffn_down.weight"), fc1)
     pixels = np.random.default_rng(1).standard_normal((1, 3, 384, 384))
     expected = _siglip_as_clip_cpp(f, tiny_config, pixels)
-    got = loaded["f32"][0].vision(pixel_values=torch.from_numpy(pixels).float()).last_hidden_state[0]
-    np.testing.assert_allclose(got.detach().numpy(), expected, atol=1e-4)
+    got = loaded["f32"][0].vision(torch.from_numpy(pixels).float())[0]
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
 
 
 def _swapped_table():
@@ -182,7 +218,7 @@ def test_swapped_vision_mlp_table_fails_the_shape_check(written, monkeypatch):
 def test_swapped_vision_mlp_table_changes_a_square_model(tmp_path, tiny_config, monkeypatch):
     square = dataclasses.replace(tiny_config, name="square", vit_mlp=tiny_config.vit_hidden)
     write_test_model(tmp_path, square, "f32", seed=SEED)
-    src = OmniVisionReference(square, seed=SEED)
+    src = OmniVisionModel.random(square, SEED)
     pixels = torch.randn(1, 3, 384, 384)
     right, _ = load_gguf_model(tmp_path)
     torch.testing.assert_close(right.encode_images(pixels), src.encode_images(pixels), rtol=0, atol=1e-6)
@@ -190,7 +226,7 @@ def test_swapped_vision_mlp_table_changes_a_square_model(tmp_path, tiny_config, 
     expected = _siglip_as_clip_cpp(GGUFFile(mmproj_path), square, pixels.double().numpy())
     monkeypatch.setattr(gguf_names, "MMPROJ_TENSORS", _swapped_table())
     wrong, _ = load_gguf_model(tmp_path)  # shapes agree, values do not
-    got = wrong.vision(pixel_values=pixels).last_hidden_state[0].detach().numpy()
+    got = wrong.vision(pixels)[0].numpy()
     assert np.abs(got - expected).max() > 1e-2
 
 

@@ -1,6 +1,6 @@
-"""ONNX export on the tiny preset: parity with the PyTorch reference, the graph contract, the bundle.
+"""ONNX export on the tiny preset: parity with the model's PyTorch modules, the graph contract, the bundle.
 
-Tolerances: the fp32 graphs match the reference within 1e-4 absolute (tiny-preset embeddings and
+Tolerances: the fp32 graphs match the torch model within 1e-4 absolute (tiny-preset embeddings and
 logits are of order 1; measured differences are ~1e-6). The fp16 graphs, run on ONNX Runtime's CPU
 provider, keep cosine similarity >= 0.99 with fp32 on image embeddings and logits (measured > 0.9999).
 """
@@ -14,22 +14,27 @@ import onnx.helper
 import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
-import torch
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.export.cli import main as export_main
-from omnivision_ros.export.onnx_export import OPSET_RANGE, graph_problems
-from omnivision_ros.model.preprocess import preprocess
-from omnivision_ros.model.prompt import PromptBuilder
 from omnivision_ros.model.bundle import (
+    CONFIG_FILE,
     MANIFEST,
+    OPSET_RANGE,
     STAMP,
     decoder_input_names,
     decoder_output_names,
     open_bundle,
+    sha256_file,
 )
+from omnivision_ros.model.preprocess import preprocess
+from omnivision_ros.model.prompt import PromptBuilder
 from omnivision_ros.runtime.factory import open_model
 from omnivision_ros.runtime.ort_backend import OrtBackend
+
+torch = pytest.importorskip("torch", reason="export traces the model's PyTorch modules")
+
+from omnivision_ros.export.cli import main as export_main  # noqa: E402
+from omnivision_ros.export.onnx_export import graph_problems  # noqa: E402
 
 FP32_ATOL = 1e-4
 FP16_MIN_COSINE = 0.99
@@ -60,7 +65,7 @@ def prompt(tokenizer, config, question="What is in the picture?"):
     return PromptBuilder(tokenizer, config).build(question).ids
 
 
-def test_vision_matches_reference(ort_fp32, tiny_model, pixels):
+def test_vision_matches_the_model(ort_fp32, tiny_model, pixels):
     expected = tiny_model.encode_images(torch.from_numpy(pixels)).numpy()
     got = ort_fp32.encode_images(pixels)
     assert got.shape == expected.shape == (2, 81, tiny_model.config.lm_hidden)
@@ -69,21 +74,23 @@ def test_vision_matches_reference(ort_fp32, tiny_model, pixels):
     np.testing.assert_allclose(ort_fp32.encode_images(pixels[1:]), got[1:], atol=1e-5, rtol=0)
 
 
-def test_decoder_logits_and_cache_match_reference(ort_fp32, tiny_model, tokenizer, tiny_config, pixels):
-    ids = prompt(tokenizer, tiny_config)
+def test_decoder_logits_and_cache_match_the_model(ort_fp32, tiny_model, tokenizer, tiny_config, pixels):
+    c = tiny_config
+    ids = prompt(tokenizer, c)
     embeds = tiny_model.encode_images(torch.from_numpy(pixels[:1]))
-    expected, past = tiny_model(torch.from_numpy(ids)[None], embeds)
+    past = [torch.zeros(1, c.lm_kv_heads, 0, c.lm_head_dim)] * (2 * c.lm_layers)
+    positions = torch.arange(len(ids), dtype=torch.int32)[None]
+    expected, *present = tiny_model(torch.from_numpy(ids).int()[None], embeds, positions, *past)
     session = ort_fp32.new_session()
     got = session.prefill(ids, embeds[0].numpy())
-    np.testing.assert_allclose(got, expected[0, -1].numpy(), atol=FP32_ATOL, rtol=0)
-    # The cache itself (RoPE applied, [B, kv, S, hd] layout) equals transformers' cache.
-    for i in range(tiny_config.lm_layers):
-        keys, values = past.layers[i].keys.numpy(), past.layers[i].values.numpy()
-        np.testing.assert_allclose(session.past[2 * i].numpy(), keys, atol=FP32_ATOL, rtol=0)
-        np.testing.assert_allclose(session.past[2 * i + 1].numpy(), values, atol=FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(got, expected[0].numpy(), atol=FP32_ATOL, rtol=0)
+    # The cache itself (RoPE applied, [B, kv, S, hd] layout).
+    for ours, theirs in zip(session.past, present):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=FP32_ATOL, rtol=0)
     token = int(np.argmax(got))
-    expected_step, _ = tiny_model(torch.tensor([[token]]), None, past_key_values=past)
-    np.testing.assert_allclose(session.step(token), expected_step[0, -1].numpy(), atol=FP32_ATOL, rtol=0)
+    step, *_ = tiny_model(torch.tensor([[token]], dtype=torch.int32), embeds,
+                          torch.tensor([[len(ids)]], dtype=torch.int32), *present)
+    np.testing.assert_allclose(session.step(token), step[0].numpy(), atol=FP32_ATOL, rtol=0)
 
 
 def test_decoder_graph_batches_sequences_independently(tiny_bundle, ort_fp32, tiny_config, tokenizer, pixels):
@@ -188,7 +195,7 @@ def test_graph_checker_flags_what_tensorrt_cannot_take():
 
 def test_manifest_lists_every_file_with_hash_size_and_versions(tiny_bundle):
     manifest = json.loads((tiny_bundle / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["model"] == "tiny"
+    assert manifest["format_version"] == 2 and manifest["model"] == "tiny"
     on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()} - {MANIFEST, STAMP}
     assert set(manifest["files"]) == on_disk
     assert {"fp16/decoder.onnx.data", "decoder.onnx.data", "tokenizer.json", "config.json"} <= on_disk
@@ -276,6 +283,23 @@ def test_manifest_mismatch_is_refused(bundle_copy, change, message):
     edit_manifest(bundle_copy, change)
     with pytest.raises(OmniVisionError, match=message):
         open_bundle(bundle_copy).variant("fp16")
+
+
+def test_bundles_of_format_1_still_open_and_run(bundle_copy, tokenizer, tiny_config):
+    """Format 1 wrote the generation defaults into config.json; format 2 left them out of the config."""
+    config = json.loads((bundle_copy / CONFIG_FILE).read_text())
+    config.update(gen_max_new_tokens=256, stop_token_ids=[151645, 151643])
+    (bundle_copy / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    entry = {"sha256": sha256_file(bundle_copy / CONFIG_FILE), "size": (bundle_copy / CONFIG_FILE).stat().st_size}
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=1) or m["files"].update({CONFIG_FILE: entry}))
+    bundle = open_bundle(bundle_copy, verify="full")
+    assert bundle.format_version == 1 and bundle.config == tiny_config
+    ids = prompt(tokenizer, tiny_config)
+    logits = OrtBackend(bundle, "fp32", threads=1).new_session().prefill(ids, np.zeros((81, 64), np.float32))
+    assert np.isfinite(logits).all()
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=0))
+    with pytest.raises(OmniVisionError, match="format version 0 is not one this omnivision_ros reads"):
+        open_bundle(bundle_copy)
 
 
 def test_factory_reports_a_bad_bundle_clearly(bundle_copy):

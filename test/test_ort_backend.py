@@ -32,6 +32,28 @@ def torch_backend(tiny_model):
     return TorchBackend(tiny_model)
 
 
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+def test_every_backend_refuses_bad_decoder_input_alike(kind, ort_backend, torch_backend, tiny_config):
+    """The checks live in DecoderSession, once for all backends (TensorRT's run in test_tensorrt.py)."""
+    backend = ort_backend if kind == "onnxruntime" else torch_backend
+    session = backend.new_session()
+    v, limit = tiny_config.lm_vocab, tiny_config.lm_vocab + tiny_config.mp_tokens
+    for call, message in [
+        (lambda: session.prefill(np.array([], np.int64)), "at least one token"),
+        (lambda: session.prefill(np.array([1, v + 2])), "no image embeddings"),
+        (lambda: session.prefill(np.array([limit])), rf"token ids must lie in \[0, {limit}\)"),
+        (lambda: session.prefill(np.array([-1])), "token ids must lie"),
+        (lambda: session.prefill(np.ones(tiny_config.lm_max_context + 1, np.int64)), "context full"),
+        (lambda: session.step(v + 1), "generated token id"),
+    ]:
+        with pytest.raises(OmniVisionError, match=message):
+            call()
+    logits = session.prefill(np.array([1, v + 2]), np.zeros((81, tiny_config.lm_hidden), np.float32))
+    assert logits.shape == (v,) and session.length == 2 and session.has_image
+    session.step(int(np.argmax(logits)))
+    assert session.length == 3
+
+
 def run(*args, timeout=120):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -100,15 +122,21 @@ def test_session_rejects_bad_input(ort_backend, tiny_config):
         session.prefill(np.array([1, tiny_config.lm_vocab + 2]))
     with pytest.raises(OmniVisionError, match="token ids must lie"):
         session.prefill(np.array([tiny_config.lm_vocab + tiny_config.mp_tokens]))
-    with pytest.raises(OmniVisionError, match="exceeds the context"):
+    with pytest.raises(OmniVisionError, match="context full"):
         session.prefill(np.ones(tiny_config.lm_max_context + 1, np.int64))
     with pytest.raises(OmniVisionError, match=r"image embeddings must be \[81, 64\]"):
         session.prefill(np.array([1]), np.zeros((80, 64), np.float32))
     with pytest.raises(OmniVisionError, match="pixel_values must be"):
         ort_backend.encode_images(np.zeros((1, 3, 224, 224), np.float32))
+    with pytest.raises(OmniVisionError, match="generated token id must lie"):
+        session.step(tiny_config.lm_vocab)  # an image position is never a generated token
+    with pytest.raises(OmniVisionError, match="must be integers"):
+        session.prefill(np.array([1.5]))
+    assert session.length == 0 and not session.has_image  # refused calls left the session as it was
     session.close()
     with pytest.raises(OmniVisionError, match="closed"):
         session.step(1)
+    session.close()  # a second close is harmless
 
 
 def test_pipeline_reuse_gives_the_cold_answer(ort_backend, tokenizer, scene_image):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.config import IM_END_ID, IM_START_ID, VISION_END_ID, VISION_START_ID
+from omnivision_ros.model.tokens import IM_END_ID, IM_START_ID, VISION_END_ID, VISION_START_ID
 from omnivision_ros.model.prompt import PromptBuilder, clean_answer, prompt_text, visible_answer
 
 RELEASED = (

@@ -1,20 +1,27 @@
 import json
 
-from omnivision_ros.model.config import SPECIAL_TOKENS
-from omnivision_ros.model.tokenizer import QWEN2_SPECIAL_TOKENS, TextTokenizer, synthetic_tokenizer_json
+from omnivision_ros.model.tokenizer import TextTokenizer, synthetic_tokenizer_json
+from omnivision_ros.model.tokens import ADDED_TOKENS, FIRST_ADDED_ID, STOP_TOKEN_IDS
 
 
-def test_special_tokens_have_the_released_ids(tokenizer):
-    for text, tid in SPECIAL_TOKENS.items():
+def test_added_tokens_have_the_released_ids(tokenizer):
+    for text, (tid, control) in ADDED_TOKENS.items():
         assert tokenizer.token_id(text) == tid
         assert tokenizer.decode([tid]) == text
-    assert QWEN2_SPECIAL_TOKENS["<|image_pad|>"] == 151655
+        # Control tokens never come out of user text; plain added tokens do (as in Qwen2.5's tokenizer).
+        assert (tokenizer.encode(text) == [tid]) is not control, text
+    assert tokenizer.token_id("<|image_pad|>") == 151655
+
+
+def test_stop_set_holds_the_end_markers_of_qwen25():
+    # <|im_end|>, <|endoftext|>, and the fill-in-the-middle markers llama.cpp also ends generation on.
+    assert STOP_TOKEN_IDS == (151645, 151643, 151662, 151663, 151664)
 
 
 def test_regular_vocabulary_fills_ids_below_the_specials(tokenizer):
     data = json.loads(synthetic_tokenizer_json())
     ids = sorted(data["model"]["vocab"].values())
-    assert ids == list(range(151643))
+    assert ids == list(range(FIRST_ADDED_ID)) and FIRST_ADDED_ID == 151643
 
 
 def test_round_trip(tokenizer):

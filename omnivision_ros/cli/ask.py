@@ -6,7 +6,8 @@ import sys
 import time
 
 from omnivision_ros.errors import OmniVisionError, run_command
-from omnivision_ros.runtime.factory import BACKENDS
+from omnivision_ros.model.variants import PRECISIONS
+from omnivision_ros.runtime.backend import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
     parser.add_argument("--precision", default=None, help=(
-        "bundle variant: fp32, fp16, int8, int4 (default: int8 on the CPU when the bundle has it, else fp32; "
+        f"bundle variant: {', '.join(PRECISIONS)} (default: int8 on the CPU when the bundle has it, else fp32; "
         "fp16 on a GPU)"))
     parser.add_argument("--stream", action="store_true", help="print the answer while it is generated")
     return parser

@@ -1,10 +1,10 @@
-"""omnivision-bench: the ONNX Runtime pipeline against the PyTorch reference and llama.cpp, on the same weights.
+"""omnivision-bench: the ONNX Runtime pipeline against the model's PyTorch modules and llama.cpp, on the same weights.
 
 One run measures, on full-size random weights (the release's GGUF layout, written once into --work) and
 the same image + prompt:
 
-- hf:          the PyTorch/transformers reference (OmniVisionReference loaded from the GGUF files, fp32,
-               eager KV-cached loop), through the same Pipeline as the ONNX Runtime backend;
+- torch:       the model's PyTorch modules (OmniVisionModel loaded from the GGUF files, fp32, eager
+               KV-cached loop: the torch backend), through the same Pipeline as the ONNX Runtime backend;
 - llama-*:     llama.cpp (llama-cpp-python) on the language-model GGUF at F16, Q8_0 and Q4_0: decoder only
                (it cannot load this mmproj), prefill of the same token ids (the 81 image positions replaced
                by <|image_pad|> ids) and greedy decoding of a fixed number of tokens;
@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError, run_command
+from omnivision_ros.model.variants import variant_spec
 
 PRESET = "omnivision-968m"
 LM_F16 = "Nano-Vlm-Processor-494M-F16.gguf"
 LM_Q8_0 = "Nano-Vlm-Processor-494M-Q8_0.gguf"
 LM_Q4_0 = "Nano-Vlm-Processor-494M-Q4_0.gguf"
-VARIANTS = {"fp32": "fp32", "int8": "cpu-int8", "int4": "cpu-int4"}
+VARIANTS = ("fp32", "int8", "int4")  # precisions (model/variants.py) of the ONNX Runtime systems
 LLAMA_FILES = {"llama-f16": ("gguf-f16", LM_F16), "llama-q8_0": ("gguf-q8_0", LM_Q8_0), "llama-q4_0": ("", LM_Q4_0)}
 # ONNX Runtime variant -> llama.cpp at matched weight precision
 MATCHED = {"fp32": "llama-f16", "int8": "llama-q8_0", "int4": "llama-q4_0"}
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     parser.add_argument("--variants", default="fp32,int8,int4", help="ONNX Runtime variants (default fp32,int8,int4)")
     parser.add_argument("--skip", default="",
-                        help="systems to leave out, comma-separated: hf, llama, or a name such as llama-f16")
+                        help="systems to leave out, comma-separated: torch, llama, or a name such as llama-f16")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--preset", default=PRESET,
                         help=f"model size (default {PRESET}; tiny for a quick check of the script)")
@@ -87,7 +88,7 @@ def prepare(work: Path, preset: str, seed: int, variants: list[str], llama: bool
     work.mkdir(parents=True, exist_ok=True)
     f16 = work / "gguf-f16"
     if not (f16 / LM_F16).is_file():
-        _run_step(["omnivision_ros.export.test_model", "--preset", preset, "--out", str(f16), "--dtype", "f16",
+        _run_step(["omnivision_ros.export.make_test_model", "--preset", preset, "--out", str(f16), "--dtype", "f16",
                    "--seed", str(seed)], "writing the F16 GGUF files")
     bundle = work / "bundle"
     if not (bundle / "manifest.json").is_file():
@@ -95,14 +96,14 @@ def prepare(work: Path, preset: str, seed: int, variants: list[str], llama: bool
                   "exporting the bundle from the F16 GGUF files")
     kinds = [v for v in variants if v != "fp32"]
     manifest = json.loads((bundle / "manifest.json").read_text())
-    missing = [k for k in kinds if VARIANTS[k] not in manifest["variants"]]
+    missing = [k for k in kinds if variant_spec(k).name not in manifest["variants"]]
     if missing:
         _run_step(["omnivision_ros.export.cli", "--model", str(bundle), "--out", str(bundle),
                    "--cpu-variants", ",".join(missing)], f"deriving the CPU variants {', '.join(missing)}")
     if not llama:
         return
     if not (work / "gguf-q8_0" / LM_Q8_0).is_file():
-        _run_step(["omnivision_ros.export.test_model", "--preset", preset, "--out", str(work / "gguf-q8_0"),
+        _run_step(["omnivision_ros.export.make_test_model", "--preset", preset, "--out", str(work / "gguf-q8_0"),
                    "--dtype", "q8_0", "--seed", str(seed)], "writing the Q8_0 GGUF files")
     if not (work / LM_Q4_0).is_file():
         _run_step(["omnivision_ros.cli.bench", "--work", str(work), "--worker", "quantize-q4_0"],
@@ -181,7 +182,7 @@ def measure_pipeline(backend, tokenizer, image, runs: int, new_tokens: int) -> d
 def measure_llama(path: Path, ids: np.ndarray, vocab: int, threads: int, runs: int, new_tokens: int) -> dict:
     import llama_cpp
 
-    from omnivision_ros.model.config import IMAGE_PAD_ID
+    from omnivision_ros.model.tokens import IMAGE_PAD_ID
 
     text_ids = [IMAGE_PAD_ID if i >= vocab else int(i) for i in ids]  # same count; image rows are plain tokens here
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(text_ids) + new_tokens + 16, n_threads=threads,
@@ -226,7 +227,7 @@ def worker(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     image = load_image(args.image)
-    if name == "hf":
+    if name == "torch":
         import torch
 
         from omnivision_ros.model.gguf_loader import load_gguf_model
@@ -235,8 +236,7 @@ def worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         model, tokenizer = load_gguf_model(work / "gguf-f16")
         backend = TorchBackend(model, args.threads)
-        attention = getattr(model.decoder.config, "_attn_implementation", "?")
-        description = f"{backend.description}, transformers attention '{attention}'"
+        description = backend.description
         load_s = time.perf_counter() - t0
         result = measure_pipeline(backend, tokenizer, image, args.runs, args.new_tokens)
     elif name.startswith("ort-"):
@@ -245,7 +245,7 @@ def worker(args: argparse.Namespace) -> int:
         from omnivision_ros.runtime.ort_backend import OrtBackend
 
         bundle = open_bundle(work / "bundle")
-        backend = OrtBackend(bundle, VARIANTS[name[4:]], threads=args.threads, device="cpu")
+        backend = OrtBackend(bundle, name[4:], threads=args.threads, device="cpu")
         tokenizer = TextTokenizer.from_file(bundle.tokenizer_path)
         description = backend.description
         load_s = time.perf_counter() - t0
@@ -326,7 +326,7 @@ def summarize(args: argparse.Namespace, results: dict, work: Path) -> dict:
     if "ort-fp32" in results:
         ref = outputs["ort-fp32"]
         for name in results:
-            if (name.startswith("ort-") and name != "ort-fp32") or name == "hf":
+            if (name.startswith("ort-") and name != "ort-fp32") or name == "torch":
                 accuracy[name + " vs ort-fp32"] = {
                     "embeds_cosine": cosine(outputs[name]["embeds"], ref["embeds"]),
                     "logits_cosine": cosine(outputs[name]["logits"], ref["logits"]),
@@ -341,16 +341,16 @@ def summarize(args: argparse.Namespace, results: dict, work: Path) -> dict:
                 }
 
     ratios = {}
-    hf = med.get("hf")
+    ref = med.get("torch")
     for name, m in med.items():
         if not name.startswith("ort-"):
             continue
         r = {}
-        if hf:
-            r["vs hf"] = {"encode_speedup": _div(hf["encode_ms"], m["encode_ms"]),
-                          "prefill_speedup": _div(hf["prefill_ms"], m["prefill_ms"]),
-                          "ttft_ratio": _div(m["ttft_ms"], hf["ttft_ms"]),
-                          "decode_speedup": _div(m["decode_tok_s"], hf["decode_tok_s"])}
+        if ref:
+            r["vs torch"] = {"encode_speedup": _div(ref["encode_ms"], m["encode_ms"]),
+                             "prefill_speedup": _div(ref["prefill_ms"], m["prefill_ms"]),
+                             "ttft_ratio": _div(m["ttft_ms"], ref["ttft_ms"]),
+                             "decode_speedup": _div(m["decode_tok_s"], ref["decode_tok_s"])}
         llama = MATCHED.get(name[4:])
         if llama in med:
             r["vs " + llama] = {"decode_ratio": _div(m["decode_tok_s"], med[llama]["decode_tok_s"]),
@@ -381,14 +381,14 @@ def targets(med: dict, ratios: dict, accuracy: dict) -> list[dict]:
         v = r.get("prefill_time_ratio")
         check(f"{variant} prefill time <= {llama}", v, 1.0, v is not None and v <= 1.0)
     for name, r in ratios.items():
-        v = r.get("vs hf", {}).get("ttft_ratio")
-        check(f"{name} TTFT <= 0.5x hf", v, 0.5, v is not None and v <= 0.5)
+        v = r.get("vs torch", {}).get("ttft_ratio")
+        check(f"{name} TTFT <= 0.5x torch", v, 0.5, v is not None and v <= 0.5)
         v = r.get("second_question_ttft_ratio")
         check(f"{name} second-question TTFT <= 0.1x first", v, 0.1, v is not None and v <= 0.1)
-    fp32 = ratios.get("ort-fp32", {}).get("vs hf")
+    fp32 = ratios.get("ort-fp32", {}).get("vs torch")
     if fp32:
         worst = min(fp32["encode_speedup"], fp32["prefill_speedup"], fp32["decode_speedup"], 1 / fp32["ttft_ratio"])
-        check("ort-fp32 faster than hf (worst of encode/prefill/TTFT/decode speedups)", worst, 1.0, worst > 1.0)
+        check("ort-fp32 faster than torch (worst of encode/prefill/TTFT/decode speedups)", worst, 1.0, worst > 1.0)
     for name, a in accuracy.items():
         if name.startswith("ort-"):
             v = min(a["embeds_cosine"], a["logits_cosine"])
@@ -421,9 +421,9 @@ def print_report(summary: dict, results: dict, load_start, load_end, prompt_toke
     print("\nratios")
     for name, r in summary["ratios"].items():
         parts = []
-        if "vs hf" in r:
-            h = r["vs hf"]
-            parts.append(f"vs hf: encode {h['encode_speedup']:.2f}x faster, prefill {h['prefill_speedup']:.2f}x "
+        if "vs torch" in r:
+            h = r["vs torch"]
+            parts.append(f"vs torch: encode {h['encode_speedup']:.2f}x faster, prefill {h['prefill_speedup']:.2f}x "
                          f"faster, TTFT {h['ttft_ratio']:.2f}x, decode {h['decode_speedup']:.2f}x faster")
         for key, v in r.items():
             if key.startswith("vs llama"):
@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.new_tokens < 2 or args.threads < 1:
         raise OmniVisionError("--runs and --threads must be >= 1 and --new-tokens >= 2")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    systems = [] if "hf" in skip else ["hf"]
+    systems = [] if "torch" in skip else ["torch"]
     for v in variants:  # each ONNX Runtime variant right after llama.cpp at its precision: same load conditions
         llama = MATCHED[v]
         if not ({"llama", llama} & skip) and llama not in systems:

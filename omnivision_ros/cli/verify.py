@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError, run_command
+from omnivision_ros.model.variants import TENSORRT_PRECISIONS
 
-LIMITS = {  # precision -> (embeds max |d|, logits max |d|, min cosine)
+LIMITS = {  # TensorRT precision -> (embeds max |d|, logits max |d|, min cosine)
     "fp16": (0.25, 0.5, 0.999),
     "fp32": (0.01, 0.01, 0.99999),
 }
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", help="image file (default: the sample image shipped with the package)")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"prompt question (default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--steps", type=int, default=16, help="greedy decode steps to compare (default: 16)")
-    parser.add_argument("--precision", default="fp16", choices=tuple(LIMITS), help="TensorRT engines to check (default: fp16)")
+    parser.add_argument("--precision", default="fp16", choices=TENSORRT_PRECISIONS, help="TensorRT engines to check (default: fp16)")
     parser.add_argument("--atol-embeds", type=float, default=None, help="max |d| of image embeddings (default: per precision)")
     parser.add_argument("--atol", "--atol-logits", dest="atol_logits", type=float, default=None,
                         help="max |d| of logits, and the near-tie margin for tokens (default: per precision)")

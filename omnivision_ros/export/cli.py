@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import PRESETS
+from omnivision_ros.model.variants import CPU_VARIANTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument("--fp16", action="store_true", help="also write the float16 variant (for GPUs), in fp16/")
     parser.add_argument("--cpu-variants", default="", metavar="LIST", help=(
-        "also derive CPU-optimized variants from the fp32 graphs, comma-separated: int8 (the CPU default when "
-        "present), int4; written to cpu-int8/, cpu-int4/. With --model BUNDLE --out BUNDLE (the same path) they "
-        "are added to an existing bundle"))
+        f"also build CPU-optimized variants, comma-separated: {', '.join(CPU_VARIANTS)} (int8 is the CPU default "
+        "when present); written to cpu-int8/, cpu-int4/. With --model BUNDLE --out BUNDLE (the same path) they "
+        "are added to an existing bundle, from its fp32 graphs"))
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     parser.add_argument("--tensorrt", action="store_true",
@@ -29,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_source(model: str, seed: int):
-    """(OmniVisionReference, TextTokenizer, description) for a preset name or a GGUF folder."""
-    from omnivision_ros.model.reference import OmniVisionReference
+    """(OmniVisionModel, TextTokenizer, description) for a preset name or a GGUF folder."""
     from omnivision_ros.model.tokenizer import TextTokenizer
+    from omnivision_ros.model.vision_language_model import OmniVisionModel
 
     if model in PRESETS:
         source = f"preset {model}, random weights, seed {seed}"
-        return OmniVisionReference(PRESETS[model], seed=seed), TextTokenizer.synthetic(), source
+        return OmniVisionModel.random(PRESETS[model], seed), TextTokenizer.synthetic(), source
     path = Path(model)
     if not path.is_dir():
         raise OmniVisionError(
@@ -45,8 +46,8 @@ def load_source(model: str, seed: int):
         from omnivision_ros.model.gguf_loader import load_gguf_model
     except ImportError as exc:
         raise OmniVisionError(f"GGUF loading is not available in this install: {exc}") from exc
-    reference, tokenizer = load_gguf_model(path)
-    return reference, tokenizer, f"gguf {path.resolve()}"
+    loaded, tokenizer = load_gguf_model(path)
+    return loaded, tokenizer, f"gguf {path.resolve()}"
 
 
 def build_tensorrt(bundle: Path) -> None:
@@ -59,8 +60,6 @@ def build_tensorrt(bundle: Path) -> None:
 
 
 def cpu_variant_kinds(text: str) -> list[str]:
-    from omnivision_ros.export.cpu_optimize import CPU_VARIANTS
-
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in CPU_VARIANTS]
     if unknown:
@@ -68,11 +67,11 @@ def cpu_variant_kinds(text: str) -> list[str]:
     return kinds
 
 
-def add_cpu_variants(bundle: Path, kinds: list[str], args: argparse.Namespace) -> None:
+def add_cpu_variants(bundle: Path, kinds: list[str], args: argparse.Namespace, model=None) -> None:
     from omnivision_ros.export.cpu_optimize import add_cpu_variants as add
 
     t0 = time.perf_counter()
-    written = add(bundle, kinds, progress=not args.no_progress, force=args.force)
+    written = add(bundle, kinds, progress=not args.no_progress, force=args.force, model=model)
     done = ", ".join(written) or "none (already present; --force rebuilds them)"
     print(f"CPU variants in {bundle}: {done} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
@@ -93,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     precisions = ("fp32", "fp16") if args.fp16 else ("fp32",)
     out = export_bundle(model, tokenizer, args.out, precisions, source=source, force=args.force,
                         progress=not args.no_progress)
-    del model  # the engine builder and the CPU variants work from the files
     print(f"wrote {out} ({', '.join(precisions)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if kinds:
-        add_cpu_variants(out, kinds, args)
+        add_cpu_variants(out, kinds, args, model)  # from the model in memory: no need to read the graphs back
+    del model  # the engine builder works from the files
     if args.tensorrt:
         build_tensorrt(out)
     return 0

@@ -1,10 +1,12 @@
 """CPU variants of a bundle, derived from its fp32 graphs: ONNX Runtime contrib ops and int8/int4 weights.
 
 The standard graphs stay the source of truth (TensorRT builds from them, CI checks them against the
-PyTorch reference). A CPU variant is rebuilt from the fp32 graphs' weights, found by name
-(`blocks.3.gate_up.weight`, ...), into graphs with the same inputs and outputs but made of the
-fused operators ONNX Runtime's CPU provider runs fastest (a decoder layer is 10 kernels instead of ~60
-standard ones, which matters when a whole decode step takes ~20 ms):
+model). A CPU variant is built from the model's weights, by the model's parameter names
+(`blocks.3.gate_up.weight`, ...): from the model itself when it is at hand (`omnivision-export --model
+GGUF --cpu-variants ...`), else from the bundle's fp32 graphs, which keep those names. The graphs have the
+same inputs and outputs but are made of the fused operators ONNX Runtime's CPU provider runs fastest (a
+decoder layer is 10 kernels instead of ~60 standard ones, which matters when a whole decode step takes
+~20 ms):
 
 - decoder: SkipSimplifiedLayerNormalization (residual add + RMSNorm), GroupQueryAttention (RoPE, GQA
   and the past/present concat in one kernel), MatMulNBits (block-wise int8/int4 weights, int8
@@ -17,90 +19,69 @@ standard ones, which matters when a whole decode step takes ~20 ms):
   MatMulNBits (per-block activation scales, more robust to activation outliers, ~1.5x slower).
 
 The variants share the contract's I/O (float32 inputs, outputs and KV cache), so the ONNX Runtime
-backend runs them unchanged; they are registered in the manifest as `cpu-int8`, `cpu-int4`.
+backend runs them unchanged; they are registered in the manifest as `cpu-int8`, `cpu-int4`, with the
+settings of model/variants.py.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.config import OmniVisionConfig
+from omnivision_ros.export import manifest as mf
 from omnivision_ros.model.bundle import (
-    MANIFEST,
-    STAMP,
+    ONNX_IR_VERSION,
+    OPSET,
     decoder_input_names,
     decoder_output_names,
     open_bundle,
-    sha256_file,
-    stamp_entry,
 )
+from omnivision_ros.model.config import OmniVisionConfig
+from omnivision_ros.model.variants import CPU_VARIANTS, Quantization, VariantSpec, variant_spec
 
 MS = "com.microsoft"
-OPSET = 17
-IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads up to 13
 VISION_QUANT = ("dynamic", "nbits")
+# Names of the decoder graph's weights are LanguageModel's parameter names, the vision graph's those of
+# ImageEncoder; bundles of format 1 named the vision weights otherwise.
+FIRST_FORMAT_WITH_MODEL_NAMES = 2
 
 
-@dataclass(frozen=True)
-class CpuVariant:
-    """How one CPU variant is built. `bits`/`block_size`: the decoder's MatMulNBits weights."""
-
-    name: str  # bundle folder and variant name
-    bits: int
-    block_size: int
-    head_bits: int = 8  # the tied embedding / lm_head (llama.cpp's Q4_0 files keep it Q8_0 too)
-    head_block_size: int = 128
-    vision_quant: str = "dynamic"
-    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (VNNI dot products); 1 (float32) is 1.4-1.6x slower
-
-    @property
-    def head(self) -> "CpuVariant":
-        return CpuVariant(self.name, self.head_bits, self.head_block_size, accuracy_level=self.accuracy_level)
-
-    @property
-    def description(self) -> str:
-        return (f"decoder int{self.bits} weights (blocks of {self.block_size}, symmetric, int8 compute), "
-                f"int{self.head_bits} tied embedding/lm_head, vision int8 ({self.vision_quant}); "
-                f"ONNX Runtime contrib ops, CPU only")
-
-
-# Measured at full size, 2 cores (docs/performance.md). int8: blocks of 128 decode ~14 % faster than blocks of
-# 32 (logits' cosine to fp32 0.998 vs 0.999). int4: blocks of 128 (4.25 bits/weight with the float32 scales;
-# llama.cpp's Q4_0 stores 4.5) decode ~20 % faster than blocks of 32 and prefill ~15 % faster, for a logits'
-# cosine of 0.866 instead of 0.880 (llama.cpp's Q4_0 of the same weights: 0.797 on the same prompt). 4-bit
-# misses the 0.99 bound whatever the block size on these random weights, so int4 is never the default.
-# Both keep the tied embedding / lm_head at int8, as llama.cpp's Q4_0 files keep it at Q8_0.
-CPU_VARIANTS = {
-    "int8": CpuVariant("cpu-int8", bits=8, block_size=128),
-    "int4": CpuVariant("cpu-int4", bits=4, block_size=128),
-}
-
-
-def variant_for(kind: str) -> CpuVariant:
-    spec = CPU_VARIANTS.get(kind)
+def variant_for(kind: str) -> VariantSpec:
+    """The CPU variant a precision names ("int8" -> cpu-int8)."""
+    spec = variant_spec(kind) if kind in CPU_VARIANTS else None
     if spec is None:
         raise OmniVisionError(f"unknown CPU variant '{kind}'; choose from {', '.join(CPU_VARIANTS)}")
     return spec
+
+
+def describe(spec: VariantSpec) -> str:
+    q = spec.quantization
+    return (f"decoder int{q.bits} weights (blocks of {q.block_size}, symmetric, int8 compute), "
+            f"int{q.head_bits} tied embedding/lm_head, vision int8 ({q.vision}); "
+            f"ONNX Runtime contrib ops, CPU only")
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the fp32 graph's weights
 
 
+WeightSource = Callable[[str], np.ndarray]  # parameter name -> array, linear weights as [in, out]
+
+
 class Weights:
     """The initializers of an exported graph by name, external data memory-mapped (nothing copied).
 
-    The TorchScript exporter stores identical tensors once and feeds the other names through Identity
-    nodes (all LayerNorm weights of a random model are ones); those names resolve to the stored tensor.
+    Names are the model's parameter names; weights of linear layers come as the graph stores them for its
+    MatMuls, [in, out]. The TorchScript exporter stores identical tensors once and feeds the other names
+    through Identity nodes; those names resolve to the stored tensor.
     """
 
     def __init__(self, path: Path):
@@ -166,8 +147,30 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                                   producer_name="omnivision_ros.cpu_optimize")
-        model.ir_version = IR_VERSION
+        model.ir_version = ONNX_IR_VERSION
         return model
+
+
+def model_weights(model, prefix: str) -> WeightSource:
+    """The same names and layouts as `Weights` of the exported graph, read from the model itself:
+    `prefix` is the traced module's path ("language_model." for the decoder graph, "" for the vision one)."""
+    import torch
+
+    def read(name: str) -> np.ndarray:
+        target = prefix + name
+        try:
+            tensor = model.get_parameter(target)
+        except AttributeError:
+            try:
+                tensor = model.get_buffer(target)
+            except AttributeError:
+                raise OmniVisionError(f"the model has no weight named '{target}'") from None
+        owner = model.get_submodule(target.rsplit(".", 1)[0]) if "." in target else model
+        if isinstance(owner, torch.nn.Linear) and target.endswith(".weight"):
+            tensor = tensor.t()  # as the graph's MatMul stores it: [in, out]
+        return tensor.detach().to(torch.float32).numpy()
+
+    return read
 
 
 def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +187,7 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.
     return packed, scales
 
 
-def matmul_nbits(g: GraphBuilder, x: str, weight: np.ndarray, name: str, spec: CpuVariant,
+def matmul_nbits(g: GraphBuilder, x: str, weight: np.ndarray, name: str, spec: Quantization,
                  bias: np.ndarray | None = None) -> str:
     """x @ weight (+ bias) with weight [K, N] quantized block-wise to spec.bits."""
     k, n = weight.shape
@@ -218,7 +221,10 @@ def _dim(g: GraphBuilder, tensor: str, axis: int, name: str) -> str:
 
 def _decoder_io(c: OmniVisionConfig) -> tuple[list, list]:
     f32 = TensorProto.FLOAT
-    kv = lambda name, length: helper.make_tensor_value_info(name, f32, ["batch", c.lm_kv_heads, length, c.lm_head_dim])
+
+    def kv(name: str, length: str):
+        return helper.make_tensor_value_info(name, f32, ["batch", c.lm_kv_heads, length, c.lm_head_dim])
+
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq"]),
         helper.make_tensor_value_info("image_embeds", f32, ["batch", c.mp_tokens, c.lm_hidden]),
@@ -232,7 +238,7 @@ def _decoder_io(c: OmniVisionConfig) -> tuple[list, list]:
     return inputs, outputs
 
 
-def build_decoder(w: Weights, config: OmniVisionConfig, spec: CpuVariant) -> onnx.ModelProto:
+def build_decoder(w: WeightSource, config: OmniVisionConfig, spec: Quantization) -> onnx.ModelProto:
     """The decoder contract's graph (same I/O as decoder.onnx) on fused CPU kernels and int8/int4 weights."""
     c = config
     g = GraphBuilder()
@@ -244,7 +250,7 @@ def build_decoder(w: Weights, config: OmniVisionConfig, spec: CpuVariant) -> onn
 
     # The tied embedding, quantized once. Its rows are the lm_head's output channels (N = vocab, K = hidden),
     # which is also the layout GatherBlockQuantized reads (blocks along the hidden axis, low nibble first).
-    head = spec.head
+    head = dataclasses.replace(spec, bits=spec.head_bits, block_size=spec.head_block_size)
     packed, scales = quantize_blocks(w("embed").T, head.bits, head.block_size)  # embed [vocab, H]
     lm_head = g.const("lm_head.qweight", packed)
     head_scales = g.const("lm_head.scales", scales)
@@ -307,14 +313,13 @@ def build_decoder(w: Weights, config: OmniVisionConfig, spec: CpuVariant) -> onn
     last = g.one("Gather", [normed, g.ints("last_position", -1)], name="/last_position", axis=1)  # [B, H]
     g.op("MatMulNBits", [last, lm_head, head_scales], ["logits"], name="lm_head", domain=MS, K=c.lm_hidden,
          N=c.lm_vocab, bits=head.bits, block_size=head.block_size, accuracy_level=head.accuracy_level)
-    return g.model("decoder_" + spec.name, *_decoder_io(c))
+    return g.model("decoder", *_decoder_io(c))
 
 
-def build_vision(w: Weights, config: OmniVisionConfig, spec: CpuVariant) -> onnx.ModelProto:
+def build_vision(w: WeightSource, config: OmniVisionConfig, spec: Quantization) -> onnx.ModelProto:
     """The vision contract's graph (same I/O as vision.onnx) with int8 GEMMs and fused attention/norms."""
-    if spec.vision_quant not in VISION_QUANT:
-        raise OmniVisionError(f"unknown vision quantization '{spec.vision_quant}'; "
-                              f"choose from {', '.join(VISION_QUANT)}")
+    if spec.vision not in VISION_QUANT:
+        raise OmniVisionError(f"unknown vision quantization '{spec.vision}'; choose from {', '.join(VISION_QUANT)}")
     c = config
     g = GraphBuilder()
     eps = float(c.vit_ln_eps)
@@ -324,19 +329,20 @@ def build_vision(w: Weights, config: OmniVisionConfig, spec: CpuVariant) -> onnx
 
     def linear(x: str, name: str, bias: bool = True) -> str:
         b = w(name + ".bias") if bias else None
-        if spec.vision_quant == "nbits":
-            return matmul_nbits(g, x, w(name + ".weight"), name, CpuVariant(spec.name, 8, 128), bias=b)
+        if spec.vision == "nbits":
+            return matmul_nbits(g, x, w(name + ".weight"), name, Quantization(bits=8, block_size=128), bias=b)
         return matmul_int8_dynamic(g, x, w(name + ".weight"), name, bias=b)
 
-    patches = g.one("Conv", ["pixel_values", param("patch_weight"), param("patch_bias")], name="/patch_embed",
+    patches = g.one("Conv", ["pixel_values", param("vision.patch_embed.weight"), param("vision.patch_embed.bias")],
+                    name="/patch_embed",
                     strides=[c.vit_patch_size, c.vit_patch_size])  # [B, D, 27, 27]
     patches = g.one("Reshape", [patches, g.ints("patch_shape", [0, c.vit_hidden, -1])], name="/patch_flatten")
     patches = g.one("Transpose", [patches], name="/patch_tokens", perm=[0, 2, 1])
-    x = g.one("Add", [patches, param("position")], name="/position")  # [B, 729, D]
+    x = g.one("Add", [patches, param("vision.position")], name="/position")  # [B, 729, D]
 
     residual, hidden, hidden_bias = x, None, None  # hidden: the previous block's fc2 output, its bias not added
     for i in range(c.vit_layers):
-        p = f"blocks.{i}."
+        p = f"vision.blocks.{i}."
         if hidden is None:
             normed = g.one("LayerNormalization", [x, param(p + "norm1.weight"), param(p + "norm1.bias")],
                            name=f"/{p}norm1", axis=-1, epsilon=eps)
@@ -357,16 +363,16 @@ def build_vision(w: Weights, config: OmniVisionConfig, spec: CpuVariant) -> onnx
                     name=f"/{p}gelu", domain=MS)  # tanh approximation, as SigLIP's gelu_pytorch_tanh
         hidden, hidden_bias = linear(act, p + "fc2", bias=False), param(p + "fc2.bias")
     x = g.op("SkipLayerNormalization",
-             [hidden, residual, param("post_norm.weight"), param("post_norm.bias"), hidden_bias], 4,
+             [hidden, residual, param("vision.post_norm.weight"), param("vision.post_norm.bias"), hidden_bias], 4,
              name="/post_norm", domain=MS, epsilon=eps)[0]
     x = g.one("Reshape", [x, g.ints("projector_shape", [-1, c.mp_tokens, c.mp_in])],
               name="/projector_groups")  # [B, 81, 10368]: contiguous groups of 9 tokens
-    x = g.one("BiasGelu", [linear(x, "fc1", bias=False), param("fc1.bias")], name="/projector_gelu",
-              domain=MS)  # exact (erf) GELU
-    g.op("Identity", [linear(x, "fc2")], ["image_embeds"], name="/image_embeds")
+    x = g.one("BiasGelu", [linear(x, "projector.fc1", bias=False), param("projector.fc1.bias")],
+              name="/projector_gelu", domain=MS)  # exact (erf) GELU
+    g.op("Identity", [linear(x, "projector.fc2")], ["image_embeds"], name="/image_embeds")
     f32 = TensorProto.FLOAT
     return g.model(
-        "vision_" + spec.name,
+        "vision",
         [helper.make_tensor_value_info("pixel_values", f32, ["batch", 3, c.vit_image_size, c.vit_image_size])],
         [helper.make_tensor_value_info("image_embeds", f32, ["batch", c.mp_tokens, c.lm_hidden])],
     )
@@ -382,40 +388,44 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def add_cpu_variants(bundle_path: str | Path, kinds: list[str] | tuple[str, ...], progress: bool = True,
-                     force: bool = False) -> list[str]:
-    """Build the CPU variants `kinds` ("int8", "int4") from the bundle's fp32 graphs into BUNDLE/cpu-*/ and list
-    them in the manifest (files hashed, graph I/O recorded). Returns the variant names written.
+                     force: bool = False, model=None) -> list[str]:
+    """Build the CPU variants `kinds` ("int8", "int4") into BUNDLE/cpu-*/ and list them in the manifest (files
+    hashed, graph I/O recorded). Returns the variant names written.
 
-    A variant already in the manifest is kept unless `force`. Each variant is written to a scratch folder
-    and moved into place before the manifest names it, so an interrupted build leaves the bundle valid.
+    Weights come from `model` (an OmniVisionModel, the one the bundle was exported from) when given, else from
+    the bundle's fp32 graphs. A variant already in the manifest is kept unless `force`. Each variant is written
+    to a scratch folder and moved into place before the manifest names it, so an interrupted build leaves the
+    bundle valid.
     """
     from tqdm import tqdm
-
-    from omnivision_ros.export.bundle import graph_io
 
     specs = [variant_for(k) for k in dict.fromkeys(kinds)]
     root = Path(bundle_path)
     bundle = open_bundle(root)
-    fp32 = bundle.variant("fp32")  # verifies the source graphs
     config = bundle.config
     todo = [s for s in specs if force or s.name not in bundle.variants]
     if not todo:
         return []
-    decoder_w, vision_w = Weights(fp32.decoder), Weights(fp32.vision)
+    if model is not None:
+        decoder_w, vision_w = model_weights(model, "language_model."), model_weights(model, "")
+    else:
+        if bundle.format_version < FIRST_FORMAT_WITH_MODEL_NAMES:
+            raise OmniVisionError(f"bundle {root} was written by an older omnivision-export (format "
+                                  f"{bundle.format_version}); re-export it to add CPU variants")
+        fp32 = bundle.variant("fp32")  # verifies the source graphs
+        decoder_w, vision_w = Weights(fp32.decoder), Weights(fp32.vision)
     written = []
     with tqdm(total=2 * len(todo), desc="cpu variants", unit="graph", disable=not progress) as bar:
         for spec in todo:
             staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=root))
             try:
                 bar.set_description(f"{spec.name} vision")
-                _save(build_vision(vision_w, config, spec), staging / "vision.onnx")
+                _save(build_vision(vision_w, config, spec.quantization), staging / "vision.onnx")
                 bar.update()
                 bar.set_description(f"{spec.name} decoder")
-                _save(build_decoder(decoder_w, config, spec), staging / "decoder.onnx")
+                _save(build_decoder(decoder_w, config, spec.quantization), staging / "decoder.onnx")
                 bar.update()
                 os.chmod(staging, 0o755)
-                for path in staging.iterdir():
-                    os.chmod(path, 0o644)
                 target = root / spec.name
                 if target.exists():
                     shutil.rmtree(target)
@@ -423,39 +433,10 @@ def add_cpu_variants(bundle_path: str | Path, kinds: list[str] | tuple[str, ...]
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            _register(root, spec, graph_io)
+            manifest = mf.read_manifest(root)
+            entry = mf.variant_entry(root, spec, derived_from="fp32", description=describe(spec))
+            manifest["variants"][spec.name] = entry
+            mf.commit(root, manifest, mf.variant_files(entry))
             written.append(spec.name)
     open_bundle(root, verify="sizes").variant(written[-1])  # the manifest checks (graph I/O vs the contract) pass
     return written
-
-
-def _register(root: Path, spec: CpuVariant, graph_io) -> None:
-    """Add `spec`'s files to manifest.json (hash, size, graph I/O) and to the verification stamp."""
-    manifest = json.loads((root / MANIFEST).read_text())
-    folder = spec.name + "/"
-    entry = {
-        "precision": "fp32",  # dtype of the graphs' inputs, outputs and KV cache
-        "vision": folder + "vision.onnx",
-        "decoder": folder + "decoder.onnx",
-        "data": [folder + "vision.onnx.data", folder + "decoder.onnx.data"],
-        "derived_from": "fp32",
-        "description": spec.description,
-        "quantization": {"decoder_bits": spec.bits, "block_size": spec.block_size, "accuracy_level": 4,
-                         "vision": spec.vision_quant},
-    }
-    entry["io"] = {graph: graph_io(root / entry[graph]) for graph in ("vision", "decoder")}
-    try:
-        stamp = json.loads((root / STAMP).read_text())
-    except (OSError, ValueError):
-        stamp = {}
-    for rel in [entry["vision"], entry["decoder"], *entry["data"]]:
-        path = root / rel
-        digest = sha256_file(path)
-        manifest["files"][rel] = {"sha256": digest, "size": path.stat().st_size}
-        stamp[rel] = stamp_entry(path, digest)
-    manifest["variants"][spec.name] = entry
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST)
-    (root / (STAMP + ".tmp")).write_text(json.dumps(stamp, indent=1, sort_keys=True))
-    os.replace(root / (STAMP + ".tmp"), root / STAMP)

@@ -1,14 +1,15 @@
-"""Export the reference model to the two ONNX graphs of a model bundle (DESIGN §3, graph contract).
+"""Export the model to the two ONNX graphs of a model bundle (DESIGN §3, graph contract).
 
-The graphs come from small export-friendly modules of our own, built from the reference model's
-weights, not from transformers' classes traced with their cache objects:
+The graphs are traces of the model's own stages (model/), the modules the torch backend runs:
 
-- `VisionGraph`: pixel_values [B, 3, 384, 384] -> image_embeds [B, 81, lm_hidden] (SigLIP + projector).
-- `DecoderGraph`: ids, image table, positions, past K/V -> last-position logits + present K/V; one graph
-  serves prefill (P = 0, many tokens) and decode (one token, long past).
+- vision (`ImageEncoder`): pixel_values [B, 3, 384, 384] -> image_embeds [B, 81, lm_hidden] (SigLIP + projector).
+- decoder (`LanguageModel`): ids, image table, positions, past K/V -> last-position logits + present K/V; one
+  graph serves prefill (P = 0, many tokens) and decode (one token, long past).
 
 Each is built for a dtype: float32 (CPU) or float16 (GPU). Weights, activations and the KV cache take
-that dtype; LayerNorm/RMSNorm statistics and softmax run in float32 and logits are float32.
+that dtype; LayerNorm/RMSNorm statistics and softmax run in float32 and logits are float32. Weights keep
+the model's parameter names; a weight the exporter transposed for a MatMul is named after its parameter
+too ("blocks.3.gate_up.weight", stored [in, out]).
 Exported with the TorchScript-based exporter (`dynamo=False`, still in torch 2.13): on these modules
 it gives plain standard-op graphs at opset 17 with the contract's dim names, about 5x faster than the
 torch.export-based exporter, which also works on them but needs opset >= 18, names derived dims
@@ -25,247 +26,35 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.config import OmniVisionConfig
-from omnivision_ros.model.reference import OmniVisionReference
 from omnivision_ros.model.bundle import (
-    decoder_input_names,
-    decoder_output_names,
+    OPSET,
+    OPSET_RANGE,
     VISION_INPUTS,
     VISION_OUTPUTS,
+    decoder_input_names,
+    decoder_output_names,
 )
+from omnivision_ros.model.config import OmniVisionConfig
+from omnivision_ros.model.variants import IO_DTYPES, variant_spec
+from omnivision_ros.model.vision_language_model import OmniVisionModel
 
-OPSET = 17
-OPSET_RANGE = (17, 19)  # what TensorRT 10.3 (JetPack 6) parses
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
-# Masked scores get the lowest float16 value, never -inf: -inf - -inf = NaN in fused fp16 kernels.
-MASK_VALUE = float(torch.finfo(torch.float16).min)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-class Linear(nn.Module):
-    """y = x W^T + b over given tensors (no random init of a throwaway nn.Linear)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def fused(cls, layers: list[nn.Linear], dtype: torch.dtype) -> "Linear":
-        """One matmul for several projections of the same input (q|k|v, gate|up); outputs concatenated."""
-        weight = torch.cat([layer.weight.detach() for layer in layers]).to(dtype)
-        biases = [layer.bias for layer in layers]
-        if all(b is None for b in biases):
-            return cls(weight)
-        bias = torch.cat([
-            b.detach() if b is not None else torch.zeros(layer.out_features) for b, layer in zip(biases, layers)
-        ]).to(dtype)
-        return cls(weight, bias)
-
-    @classmethod
-    def of(cls, layer: nn.Linear, dtype: torch.dtype) -> "Linear":
-        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-        return cls(layer.weight.detach().to(dtype), bias)  # .to(same dtype) shares the reference's storage
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+def torch_dtype(precision: str) -> torch.dtype:
+    """The dtype of an exported variant's weights and activations ("fp32" -> torch.float32)."""
+    spec = variant_spec(precision)
+    if not spec.exported:
+        raise OmniVisionError(f"'{precision}' is derived from the fp32 graphs, not exported (see --cpu-variants)")
+    return getattr(torch, IO_DTYPES[spec.io])
 
 
-def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in dtype; no Cast node in the trace when it already is (the TorchScript exporter keeps no-op casts)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-class LayerNorm32(nn.Module):
-    """LayerNorm computed in float32 whatever the activation dtype."""
-
-    def __init__(self, norm: nn.LayerNorm):
-        super().__init__()
-        self.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False)
-        self.bias = nn.Parameter(norm.bias.detach().float(), requires_grad=False)
-        self.eps = norm.eps
-
-    def forward(self, x):
-        return cast(F.layer_norm(cast(x, torch.float32), self.weight.shape, self.weight, self.bias, self.eps), x.dtype)
-
-
-class RMSNorm32(nn.Module):
-    """Qwen2 RMSNorm: statistics in float32, scale applied in the activation dtype (as transformers does)."""
-
-    def __init__(self, norm: nn.Module, eps: float, dtype: torch.dtype):
-        super().__init__()
-        self.weight = nn.Parameter(norm.weight.detach().to(dtype), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x):
-        h = cast(x, torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * cast(h, x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Vision: SigLIP encoder + compressed projector
-
-
-class VisionBlock(nn.Module):
-    def __init__(self, layer: nn.Module, config: OmniVisionConfig, dtype: torch.dtype):
-        super().__init__()
-        attn = layer.self_attn
-        self.norm1 = LayerNorm32(layer.layer_norm1)
-        self.qkv = Linear.fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.out = Linear.of(attn.out_proj, dtype)
-        self.norm2 = LayerNorm32(layer.layer_norm2)
-        self.fc1 = Linear.of(layer.mlp.fc1, dtype)
-        self.fc2 = Linear.of(layer.mlp.fc2, dtype)
-        self.tokens = config.vit_tokens
-        self.heads = config.vit_heads
-        self.head_dim = config.vit_hidden // config.vit_heads
-
-    def forward(self, x):  # [B, N, D]
-        qkv = self.qkv(self.norm1(x)).reshape(-1, self.tokens, 3, self.heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, heads, N, hd]
-        q, k, v = qkv[0] * self.head_dim ** -0.5, qkv[1], qkv[2]
-        scores = cast(torch.matmul(q, k.transpose(2, 3)), torch.float32)  # [B, heads, N, N]
-        probs = cast(torch.softmax(scores, dim=-1), x.dtype)
-        attn = torch.matmul(probs, v).transpose(1, 2).reshape(-1, self.tokens, self.heads * self.head_dim)
-        x = x + self.out(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
-
-
-class VisionGraph(nn.Module):
-    """pixel_values [B, 3, S, S] -> image_embeds [B, mp_tokens, lm_hidden]."""
-
-    def __init__(self, model: OmniVisionReference, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        config = model.config
-        vision = model.vision.vision_model if hasattr(model.vision, "vision_model") else model.vision
-        emb = vision.embeddings
-        self.dtype = dtype
-        self.patch_weight = nn.Parameter(emb.patch_embedding.weight.detach().to(dtype), requires_grad=False)
-        self.patch_bias = nn.Parameter(emb.patch_embedding.bias.detach().to(dtype), requires_grad=False)
-        self.patch_size = config.vit_patch_size
-        self.position = nn.Parameter(emb.position_embedding.weight.detach().to(dtype), requires_grad=False)  # [729, D]
-        self.blocks = nn.ModuleList(VisionBlock(layer, config, dtype) for layer in vision.encoder.layers)
-        self.post_norm = LayerNorm32(vision.post_layernorm)
-        self.mp_tokens = config.mp_tokens
-        self.mp_in = config.mp_in
-        self.fc1 = Linear.of(model.projector.fc1, dtype)
-        self.fc2 = Linear.of(model.projector.fc2, dtype)
-
-    def forward(self, pixel_values):
-        x = F.conv2d(pixel_values, self.patch_weight, self.patch_bias, stride=self.patch_size)  # [B, D, 27, 27]
-        x = x.flatten(2).transpose(1, 2) + self.position  # [B, 729, D]
-        for block in self.blocks:
-            x = block(x)
-        x = self.post_norm(x).reshape(-1, self.mp_tokens, self.mp_in)  # [B, 81, 10368], contiguous groups of 9
-        return self.fc2(F.gelu(self.fc1(x)))  # [B, 81, lm_hidden]
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder: Qwen2 with the prompt-table image splice
-
-
-def rope_tables(config: OmniVisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [lm_max_context, head_dim] in float32, computed exactly as transformers' Qwen2 does."""
-    dim = config.lm_head_dim
-    inv_freq = 1.0 / (config.lm_rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = torch.arange(config.lm_max_context).float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate(x, cos, sin, half: int):
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, layer: nn.Module, config: OmniVisionConfig, dtype: torch.dtype):
-        super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm = RMSNorm32(layer.input_layernorm, config.lm_rms_eps, dtype)
-        self.qkv = Linear.fused([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = Linear.of(attn.o_proj, dtype)
-        self.post_norm = RMSNorm32(layer.post_attention_layernorm, config.lm_rms_eps, dtype)
-        self.gate_up = Linear.fused([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = Linear.of(mlp.down_proj, dtype)
-        self.kv = config.lm_kv_heads
-        self.group = config.lm_heads // config.lm_kv_heads
-        self.head_dim = config.lm_head_dim
-        self.hidden = config.lm_hidden
-        self.ffn = config.lm_ffn
-
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        """x [B, T, H]; cos/sin [B, T, hd]; mask [T, S] fp32; past [B, kv, P, hd] -> x, present K, V [B, kv, S, hd]."""
-        b, t = x.shape[0], x.shape[1]
-        kv, g, hd = self.kv, self.group, self.head_dim
-        q, k, v = self.qkv(self.input_norm(x)).split([self.hidden, kv * hd, kv * hd], dim=-1)
-        # Query head j*g + i attends with KV head j: group queries by KV head instead of repeating K/V.
-        q = rotate(q.reshape(b, t, kv, g, hd), cos[:, :, None, None], sin[:, :, None, None], hd // 2) * hd ** -0.5
-        k = rotate(k.reshape(b, t, kv, hd), cos[:, :, None], sin[:, :, None], hd // 2)
-        q = q.permute(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)  # [B, kv, g*T, hd]
-        k = torch.cat([past_k, k.transpose(1, 2)], dim=2)  # [B, kv, S, hd]
-        v = torch.cat([past_v, v.reshape(b, t, kv, hd).transpose(1, 2)], dim=2)
-        scores = torch.matmul(q, k.transpose(2, 3)).reshape(b, kv, g, t, -1)  # [B, kv, g, T, S]
-        scores = cast(scores, torch.float32) + mask
-        probs = cast(torch.softmax(scores, dim=-1), x.dtype).reshape(b, kv, g * t, -1)
-        attn = torch.matmul(probs, v).reshape(b, kv, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, self.hidden)
-        x = x + self.o(attn)
-        gate, up = self.gate_up(self.post_norm(x)).split([self.ffn, self.ffn], dim=-1)
-        return x + self.down(F.silu(gate) * up), k, v
-
-
-class DecoderGraph(nn.Module):
-    """(input_ids, image_embeds, position_ids, past_key_0, past_value_0, ...) -> (logits, present_key_0, ...)."""
-
-    def __init__(self, model: OmniVisionReference, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        config = model.config
-        decoder = model.decoder.model
-        self.vocab = config.lm_vocab
-        self.mp_tokens = config.mp_tokens
-        self.hidden = config.lm_hidden
-        # One table for the token embedding and the tied lm_head.
-        self.embed = nn.Parameter(decoder.embed_tokens.weight.detach().to(dtype), requires_grad=False)
-        if not config.lm_tie_embeddings:
-            raise OmniVisionError(f"model '{config.name}': export supports tied embeddings only (lm_tie_embeddings)")
-        cos, sin = rope_tables(config)
-        self.register_buffer("cos", cos.to(dtype))
-        self.register_buffer("sin", sin.to(dtype))
-        self.blocks = nn.ModuleList(DecoderBlock(layer, config, dtype) for layer in decoder.layers)
-        self.norm = RMSNorm32(decoder.norm, config.lm_rms_eps, dtype)
-
-    def embed_ids(self, input_ids, image_embeds):
-        """Token embeddings, with rows of the image table spliced in where ids >= vocab."""
-        b = input_ids.shape[0]
-        is_image = input_ids >= self.vocab
-        tokens = F.embedding(torch.where(is_image, 0, input_ids), self.embed)  # [B, T, H]
-        batch_offset = torch.arange(b, dtype=torch.int32)[:, None] * self.mp_tokens
-        rows = torch.where(is_image, input_ids - self.vocab, 0) + batch_offset  # rows of [B*81, H]
-        images = F.embedding(rows, image_embeds.reshape(-1, self.hidden))
-        return torch.where(is_image[..., None], images, tokens)
-
-    def forward(self, input_ids, image_embeds, position_ids, *past):
-        t = input_ids.shape[1]
-        p = past[0].shape[2]
-        key_pos = torch.arange(p + t)
-        query_pos = torch.arange(t) + p
-        mask = torch.where(key_pos[None, :] > query_pos[:, None], MASK_VALUE, 0.0)  # [T, S] fp32
-        cos = F.embedding(position_ids, self.cos)  # [B, T, hd]
-        sin = F.embedding(position_ids, self.sin)
-        x = self.embed_ids(input_ids, image_embeds)
-        present = []
-        for i, block in enumerate(self.blocks):
-            x, k, v = block(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
-            present += [k, v]
-        last = self.norm(x[:, -1])  # [B, H]: only the last position needs logits
-        # Gemm with transB over the embedding table itself: MatMul(x, W^T) would make constant folding
-        # write a transposed second copy of the 151936 x 896 table.
-        logits = torch.addmm(torch.zeros((), dtype=last.dtype), last, self.embed.t())
-        return (cast(logits, torch.float32), *present)
+def in_dtype(model: OmniVisionModel, dtype: torch.dtype) -> OmniVisionModel:
+    """The model itself when it already is in `dtype`, else a converted copy."""
+    return model if model.dtype == dtype else model.converted(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,19 +170,22 @@ def graph_problems(graph: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def export_vision(model: OmniVisionReference, path: Path, precision: str = "fp32", opset: int = OPSET) -> None:
-    dtype = DTYPES[precision]
-    module = VisionGraph(model, dtype).eval()
-    with torch.no_grad():
-        export_graph(module, (vision_example(model.config, dtype),), path, VISION_INPUTS, VISION_OUTPUTS,
-                     {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, opset,
-                     {"image_embeds": ["batch", model.config.mp_tokens, model.config.lm_hidden]})
-
-
-def export_decoder(model: OmniVisionReference, path: Path, precision: str = "fp32", opset: int = OPSET) -> None:
-    dtype = DTYPES[precision]
+def export_vision(model: OmniVisionModel, path: Path, precision: str = "fp32", opset: int = OPSET) -> None:
+    dtype = torch_dtype(precision)
     config = model.config
-    module = DecoderGraph(model, dtype).eval()
+    module = in_dtype(model, dtype).image_encoder()
+    with torch.no_grad():
+        export_graph(module, (vision_example(config, dtype),), path, VISION_INPUTS, VISION_OUTPUTS,
+                     {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, opset,
+                     {"image_embeds": ["batch", config.mp_tokens, config.lm_hidden]})
+
+
+def export_decoder(model: OmniVisionModel, path: Path, precision: str = "fp32", opset: int = OPSET) -> None:
+    dtype = torch_dtype(precision)
+    config = model.config
+    if not config.lm_tie_embeddings:
+        raise OmniVisionError(f"model '{config.name}': export supports tied embeddings only (lm_tie_embeddings)")
+    module = in_dtype(model, dtype).language_model
     with torch.no_grad():
         export_graph(module, decoder_example(config, dtype), path,
                      decoder_input_names(config), decoder_output_names(config),

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.variants import TENSORRT_PRECISIONS
 from omnivision_ros.runtime import trt_engines as te
 
 # Ops between the lm_head matmul and the `logits` output that only cast or reshape.
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the TensorRT engines of a model bundle on this device (reuses matching ones).",
     )
     parser.add_argument("bundle", help="model bundle directory (from omnivision-export)")
-    parser.add_argument("--precision", default=d.precision, choices=te.PRECISIONS, help="graphs to build from (default: fp16)")
+    parser.add_argument("--precision", default=d.precision, choices=TENSORRT_PRECISIONS, help="graphs to build from (default: fp16)")
     parser.add_argument("--max-cameras", type=int, default=d.max_cameras,
                         help=f"frames per vision call (default: {d.max_cameras})")
     parser.add_argument("--max-context", type=int, default=None, help="tokens per conversation (default: the model's context)")

@@ -27,17 +27,24 @@ from pathlib import Path
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
+from omnivision_ros.model.variants import IO_DTYPES
 
 FORMAT = "omnivision-bundle"
-FORMAT_VERSION = 1
+# 2: config.json without the generation defaults (gen_max_new_tokens, stop_token_ids), vision graph weights
+# named after the model's parameters. Bundles of format 1 still open and run.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+LEGACY_CONFIG_FIELDS = {1: ("gen_max_new_tokens", "stop_token_ids")}  # written by format 1, read no more
 MANIFEST = "manifest.json"
 STAMP = ".verified.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-PRECISIONS = ("fp32", "fp16")  # dtype of a variant's activations, KV cache and graph I/O
 VERIFY_MODES = ("auto", "full", "sizes")
 
-# Graph contract (DESIGN §3); shared by the exporter, ONNX Runtime and TensorRT.
+# Graph contract (DESIGN §3); shared by the exporter, the CPU variants, ONNX Runtime and TensorRT.
+OPSET = 17  # standard-op graphs
+OPSET_RANGE = (17, 19)  # what TensorRT 10.3 (JetPack 6) parses
+ONNX_IR_VERSION = 10  # written into built graphs: onnx 1.23 writes IR 14 by default, onnxruntime 1.31 reads up to 13
 VISION_INPUTS = ("pixel_values",)  # [batch, 3, S, S]
 VISION_OUTPUTS = ("image_embeds",)  # [batch, mp_tokens, lm_hidden]
 
@@ -57,11 +64,6 @@ def decoder_output_names(config: OmniVisionConfig) -> list[str]:
     for i in range(config.lm_layers):
         names += [f"present_key_{i}", f"present_value_{i}"]
     return names
-
-
-def variant_dir(precision: str) -> str:
-    """Where a variant's graphs live in the bundle: fp32 at the root, others in a subfolder."""
-    return "" if precision == "fp32" else precision + "/"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -95,6 +97,10 @@ class Bundle:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER_FILE
+
+    @property
+    def format_version(self) -> int:
+        return int(self.manifest["format_version"])
 
     @property
     def variants(self) -> list[str]:
@@ -178,8 +184,9 @@ def _check_format(root: Path, manifest: dict) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _fail(root, f"{MANIFEST} is not an omnivision bundle manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(root, f"bundle format version {version} is not the one this omnivision_ros reads ({FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise _fail(root, f"bundle format version {version} is not one this omnivision_ros reads "
+                          f"({', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("files", "variants"):
         if not isinstance(manifest.get(key), dict) or not manifest[key]:
             raise _fail(root, f"{MANIFEST} has no '{key}'")
@@ -195,7 +202,7 @@ def _check_manifest(root: Path, manifest: dict, config: OmniVisionConfig) -> Non
         "decoder": (decoder_input_names(config), decoder_output_names(config)),
     }
     for name, entry in manifest["variants"].items():
-        if entry.get("precision") not in PRECISIONS:
+        if entry.get("precision") not in IO_DTYPES:
             raise _fail(root, f"variant '{name}' has unknown precision {entry.get('precision')!r}")
         for graph, (inputs, outputs) in expected.items():
             io = entry.get("io", {}).get(graph, {})
@@ -205,6 +212,19 @@ def _check_manifest(root: Path, manifest: dict, config: OmniVisionConfig) -> Non
                     f"{MANIFEST}: the {name} {graph} graph's inputs/outputs do not match {CONFIG_FILE} "
                     f"({config.lm_layers} decoder layers)",
                 )
+
+
+def _read_config(root: Path, version: int) -> OmniVisionConfig:
+    """config.json, with the fields an older format wrote and this one no longer has left out."""
+    try:
+        data = json.loads((root / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise _fail(root, f"cannot read {CONFIG_FILE}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _fail(root, f"{CONFIG_FILE} does not hold a model config")
+    for key in LEGACY_CONFIG_FIELDS.get(version, ()):
+        data.pop(key, None)
+    return OmniVisionConfig.from_dict(data)
 
 
 def open_bundle(path: str | Path, verify: str = "auto") -> Bundle:
@@ -226,6 +246,6 @@ def open_bundle(path: str | Path, verify: str = "auto") -> Bundle:
     _check_format(root, manifest)
     # config.json and tokenizer.json are small: verified before they are read.
     _verify_files(root, manifest["files"], [CONFIG_FILE, TOKENIZER_FILE], verify)
-    config = OmniVisionConfig.load(root / CONFIG_FILE)
+    config = _read_config(root, manifest["format_version"])
     _check_manifest(root, manifest, config)
     return Bundle(root, manifest, config, verify)

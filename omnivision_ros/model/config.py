@@ -3,26 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omnivision_ros.errors import OmniVisionError
-
-# Special tokens of the released checkpoints (DESIGN §2); ids are fixed by the vocabulary.
-SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653,
-    "<|image_pad|>": 151655,
-}
-ENDOFTEXT_ID = SPECIAL_TOKENS["<|endoftext|>"]
-IM_START_ID = SPECIAL_TOKENS["<|im_start|>"]
-IM_END_ID = SPECIAL_TOKENS["<|im_end|>"]
-VISION_START_ID = SPECIAL_TOKENS["<|vision_start|>"]
-VISION_END_ID = SPECIAL_TOKENS["<|vision_end|>"]
-IMAGE_PAD_ID = SPECIAL_TOKENS["<|image_pad|>"]
+from omnivision_ros.model.tokens import LAST_ADDED_ID
 
 SYSTEM_PROMPT = "You are Nano-Omni-VLM, created by Nexa AI. You are a helpful assistant."
 
@@ -59,10 +44,6 @@ class OmniVisionConfig:
     lm_max_context: int = 4096
     lm_tie_embeddings: bool = True
 
-    # Generation defaults
-    gen_max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = field(default=(IM_END_ID, ENDOFTEXT_ID))
-
     @property
     def vit_grid(self) -> int:
         return self.vit_image_size // self.vit_patch_size  # 27: the stride-14 conv drops the last 6 px
@@ -89,8 +70,8 @@ class OmniVisionConfig:
             problems.append("vit_hidden must be divisible by vit_heads")
         if self.lm_heads % self.lm_kv_heads:
             problems.append("lm_heads must be a multiple of lm_kv_heads")
-        if self.lm_vocab <= max(SPECIAL_TOKENS.values()):
-            problems.append(f"lm_vocab {self.lm_vocab} cannot hold the special token ids (up to {max(SPECIAL_TOKENS.values())})")
+        if self.lm_vocab <= LAST_ADDED_ID:
+            problems.append(f"lm_vocab {self.lm_vocab} cannot hold the special token ids (up to {LAST_ADDED_ID})")
         if problems:
             raise OmniVisionError(f"invalid model config '{self.name}': " + "; ".join(problems))
         return self
@@ -105,7 +86,7 @@ class OmniVisionConfig:
         if unknown:
             raise OmniVisionError(f"unknown model config fields: {', '.join(unknown)}")
         values = dict(data)
-        for key in ("vit_image_mean", "vit_image_std", "stop_token_ids"):
+        for key in ("vit_image_mean", "vit_image_std"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values).validate()

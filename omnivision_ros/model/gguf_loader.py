@@ -1,4 +1,4 @@
-"""Load the released OmniVision-968M weights from their two GGUF files into the PyTorch reference.
+"""Load the released OmniVision-968M weights from their two GGUF files into the model (OmniVisionModel).
 
 A folder holds one language-model file (arch `qwen2`, e.g. `Nano-Vlm-Processor-494M-F16.gguf`,
 which also carries the tokenizer) and one mmproj file (arch `siglip`, `mmproj-omni-vlm-f16.gguf`:
@@ -20,8 +20,9 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model import gguf_names
-from omnivision_ros.model.config import PRESETS, SPECIAL_TOKENS, OmniVisionConfig
+from omnivision_ros.model.config import PRESETS, OmniVisionConfig
 from omnivision_ros.model.tokenizer import TextTokenizer, bytes_to_unicode, tokenizer_json
+from omnivision_ros.model.tokens import REQUIRED_TOKENS, STOP_TOKEN_IDS
 
 LM_ARCH = "qwen2"
 MMPROJ_ARCHS = ("siglip", "clip")  # Nexa's converter writes "siglip"; "clip" is llama.cpp's generic mmproj
@@ -381,7 +382,7 @@ def _tokenizer(lm: GGUFFile) -> TextTokenizer:
     missing_bytes = set(bytes_to_unicode().values()) - set(regular)
     if missing_bytes:
         raise OmniVisionError(f"{lm.path}: the vocabulary lacks {len(missing_bytes)} byte tokens; not a byte-level BPE")
-    for name, expected in SPECIAL_TOKENS.items():
+    for name, expected in REQUIRED_TOKENS.items():
         found = specials.get(name)
         if found != expected:
             where = f"at id {found}" if found is not None else "not as a control token"
@@ -390,25 +391,19 @@ def _tokenizer(lm: GGUFFile) -> TextTokenizer:
                 "(the Qwen2.5 vocabulary of OmniVLM)"
             )
     eos = lm.value("tokenizer.ggml.eos_token_id", None)
-    if eos is not None and eos not in (SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]):
-        raise OmniVisionError(f"{lm.path}: eos token id {eos} is neither <|im_end|> nor <|endoftext|>")
+    if eos is not None and eos not in STOP_TOKEN_IDS:
+        raise OmniVisionError(f"{lm.path}: eos token id {eos} is not one of the stop tokens {list(STOP_TOKEN_IDS)}")
     for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id"):
         tid = lm.value(key, None)
         if tid is not None and not 0 <= tid < len(tokens):
             raise OmniVisionError(f"{lm.path}: {key} {tid} is outside the {len(tokens)}-token vocabulary")
 
-    data = tokenizer_json(regular, merges, specials)
-    data["added_tokens"] += [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": False}
-        for s, i in added.items()
-    ]
-    data["added_tokens"].sort(key=lambda t: t["id"])
+    data = tokenizer_json(regular, merges, specials, added)
     try:
         tokenizer = TextTokenizer.from_json(json.dumps(data, ensure_ascii=False))
     except Exception as exc:  # tokenizers raises plain Exception subclasses on bad merges
         raise OmniVisionError(f"{lm.path}: cannot build the tokenizer from its metadata ({exc})") from exc
-    for name, expected in SPECIAL_TOKENS.items():
+    for name, expected in REQUIRED_TOKENS.items():
         if tokenizer.token_id(name) != expected:
             raise OmniVisionError(
                 f"{lm.path}: tokenizer maps {name} to {tokenizer.token_id(name)}, expected {expected}"
@@ -416,27 +411,23 @@ def _tokenizer(lm: GGUFFile) -> TextTokenizer:
     return tokenizer
 
 
-def _empty_model(config: OmniVisionConfig):
-    """The reference model with uninitialised weights (every parameter is overwritten from the files)."""
-    from transformers.initialization import no_init_weights
-
-    from omnivision_ros.model.reference import OmniVisionReference
-
-    with no_init_weights():  # skips ~20 s of random init at full size
-        model = OmniVisionReference(config, seed=None)
-    if config.lm_tie_embeddings:
-        model.decoder.tie_weights()  # no_init_weights also skips the tying done in init_weights
-    return model
+def model_tensor(model, target: str):
+    """The tensor a name-table target stands for: a parameter, or a slice of a fused one ("...qkv.weight[k]")."""
+    name, part = gguf_names.split_part(target)
+    tensor = model.get_parameter(name)
+    if part is None:
+        return tensor
+    return tensor[model.get_submodule(name.rsplit(".", 1)[0]).part(part)]
 
 
-def _plan(f: GGUFFile, names: dict[str, str], params: dict, unused=()) -> None:
+def _plan(f: GGUFFile, names: dict[str, str], model, unused=()) -> None:
     """Check names, shapes and types of a whole file before any weight is copied."""
-    for gguf_name, param_name in names.items():
+    for gguf_name, target in names.items():
         shape = f.shape(gguf_name)  # raises if missing
-        expected = tuple(params[param_name].shape)
+        expected = tuple(model_tensor(model, target).shape)
         if shape != expected:
             raise OmniVisionError(
-                f"{f.path}: tensor '{gguf_name}' has shape {list(shape)}, expected {list(expected)} ({param_name})"
+                f"{f.path}: tensor '{gguf_name}' has shape {list(shape)}, expected {list(expected)} ({target})"
             )
         f.check_type(gguf_name)
     for name in f.tensors:
@@ -446,8 +437,8 @@ def _plan(f: GGUFFile, names: dict[str, str], params: dict, unused=()) -> None:
             )
 
 
-def _copy(f: GGUFFile, names: dict[str, str], params: dict) -> None:
-    """One tensor at a time: dequantize (or view) it, copy into the parameter, drop it."""
+def _copy(f: GGUFFile, names: dict[str, str], model) -> None:
+    """One tensor at a time: dequantize (or view) it, copy into the parameter (or its slice), drop it."""
     import torch
     from tqdm import tqdm
 
@@ -455,26 +446,47 @@ def _copy(f: GGUFFile, names: dict[str, str], params: dict) -> None:
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}",
                disable=None if total > 256 << 20 else True)
     with torch.no_grad(), bar:
-        for gguf_name, param_name in names.items():
-            params[param_name].copy_(torch.from_numpy(f.array(gguf_name)))
+        for gguf_name, target in names.items():
+            model_tensor(model, target).copy_(torch.from_numpy(f.array(gguf_name)))
             bar.update(f.tensor(gguf_name).n_bytes)
     f.close()
 
 
+def covered_parameters(names: dict[str, str]) -> dict[str, set]:
+    """{parameter: parts named} over name tables (None stands for the whole parameter)."""
+    covered: dict[str, set] = {}
+    for target in names.values():
+        name, part = gguf_names.split_part(target)
+        covered.setdefault(name, set()).add(part)
+    return covered
+
+
 def load_gguf_model(folder: str | Path):
-    """(OmniVisionReference, TextTokenizer) from a folder holding the language-model and mmproj GGUF files."""
+    """(OmniVisionModel, TextTokenizer) from a folder holding the language-model and mmproj GGUF files."""
+    from omnivision_ros.model.vision_language_model import OmniVisionModel
+
     lm, mmproj = _open_pair(folder)
     config = _config(lm, mmproj)
     tokenizer = _tokenizer(lm)
-    model = _empty_model(config)
-    params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
+    model = OmniVisionModel.empty(config)  # every parameter is overwritten from the files
     lm_names = gguf_names.lm_names(config.lm_layers, config.lm_tie_embeddings)
     mm_names = gguf_names.mmproj_names(config.vit_layers)
-    covered = set(lm_names.values()) | set(mm_names.values())
-    if covered != set(params):
-        raise RuntimeError(f"GGUF name tables and model parameters disagree: {sorted(covered ^ set(params))[:5]}")
-    _plan(lm, lm_names, params)
-    _plan(mmproj, mm_names, params, unused=gguf_names.MMPROJ_UNUSED)
-    _copy(lm, lm_names, params)
-    _copy(mmproj, mm_names, params)
+    _check_coverage(model, {**lm_names, **mm_names})
+    _plan(lm, lm_names, model)
+    _plan(mmproj, mm_names, model, unused=gguf_names.MMPROJ_UNUSED)
+    _copy(lm, lm_names, model)
+    _copy(mmproj, mm_names, model)
     return model.eval(), tokenizer
+
+
+def _check_coverage(model, names: dict[str, str]) -> None:
+    """Every parameter is written whole or by all of its parts: no weight is left uninitialised."""
+    covered = covered_parameters(names)
+    problems = sorted(set(covered) ^ {name for name, _ in model.named_parameters()})
+    for name, parts in covered.items():
+        if None not in parts and name not in problems:
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            if parts != set(owner.parts):
+                problems.append(f"{name} parts {sorted(parts)}")
+    if problems:
+        raise RuntimeError(f"GGUF name tables and model parameters disagree: {problems[:5]}")

@@ -1,11 +1,16 @@
-"""GGUF tensor names of the released OmniVision-968M files -> OmniVisionReference parameter names.
+"""GGUF tensor names of the released OmniVision-968M files -> OmniVisionModel parameter names.
 
 Two files, one table each; `{bid}` is the block index. One entry per line, and a name that is not in
-a table raises: nothing is guessed. The writer of test models (export/test_model.py) uses the same
-tables, so the layout it writes and the layout the loader reads cannot drift apart (test_gguf.py checks
-the mmproj table on its own against clip.cpp's order, so the two cannot be wrong together either).
+a table raises: nothing is guessed. A parameter name ending in `[part]` is a slice of a fused weight:
+`qkv.weight[k]` is the k projection's rows of the fused q|k|v matrix (FusedLinear.part). The test-model
+writer (export/make_test_model.py) uses the same tables, so the layout it writes and the layout the
+loader reads cannot drift apart; the tables themselves are checked against independent sources:
+test_gguf.py holds the mmproj table to clip.cpp's order, and the language-model table to gguf-py's own
+qwen2 name map (through transformers' Qwen2 names, which the parity tests tie to this model).
 """
 from __future__ import annotations
+
+import re
 
 from omnivision_ros.errors import OmniVisionError
 
@@ -13,25 +18,25 @@ from omnivision_ros.errors import OmniVisionError
 # The output projection is tied to token_embd in the released files (no `output.weight`);
 # a file that does carry `output.weight` gets an untied lm_head (see LM_UNTIED_OUTPUT).
 LM_TENSORS = {
-    "token_embd.weight":             "decoder.model.embed_tokens.weight",
-    "blk.{bid}.attn_norm.weight":    "decoder.model.layers.{bid}.input_layernorm.weight",
-    "blk.{bid}.attn_q.weight":       "decoder.model.layers.{bid}.self_attn.q_proj.weight",
-    "blk.{bid}.attn_q.bias":         "decoder.model.layers.{bid}.self_attn.q_proj.bias",
-    "blk.{bid}.attn_k.weight":       "decoder.model.layers.{bid}.self_attn.k_proj.weight",
-    "blk.{bid}.attn_k.bias":         "decoder.model.layers.{bid}.self_attn.k_proj.bias",
-    "blk.{bid}.attn_v.weight":       "decoder.model.layers.{bid}.self_attn.v_proj.weight",
-    "blk.{bid}.attn_v.bias":         "decoder.model.layers.{bid}.self_attn.v_proj.bias",
-    "blk.{bid}.attn_output.weight":  "decoder.model.layers.{bid}.self_attn.o_proj.weight",
-    "blk.{bid}.ffn_norm.weight":     "decoder.model.layers.{bid}.post_attention_layernorm.weight",
-    "blk.{bid}.ffn_gate.weight":     "decoder.model.layers.{bid}.mlp.gate_proj.weight",
-    "blk.{bid}.ffn_up.weight":       "decoder.model.layers.{bid}.mlp.up_proj.weight",
-    "blk.{bid}.ffn_down.weight":     "decoder.model.layers.{bid}.mlp.down_proj.weight",
-    "output_norm.weight":            "decoder.model.norm.weight",
+    "token_embd.weight":             "language_model.embed",
+    "blk.{bid}.attn_norm.weight":    "language_model.blocks.{bid}.input_norm.weight",
+    "blk.{bid}.attn_q.weight":       "language_model.blocks.{bid}.qkv.weight[q]",
+    "blk.{bid}.attn_q.bias":         "language_model.blocks.{bid}.qkv.bias[q]",
+    "blk.{bid}.attn_k.weight":       "language_model.blocks.{bid}.qkv.weight[k]",
+    "blk.{bid}.attn_k.bias":         "language_model.blocks.{bid}.qkv.bias[k]",
+    "blk.{bid}.attn_v.weight":       "language_model.blocks.{bid}.qkv.weight[v]",
+    "blk.{bid}.attn_v.bias":         "language_model.blocks.{bid}.qkv.bias[v]",
+    "blk.{bid}.attn_output.weight":  "language_model.blocks.{bid}.o.weight",
+    "blk.{bid}.ffn_norm.weight":     "language_model.blocks.{bid}.post_norm.weight",
+    "blk.{bid}.ffn_gate.weight":     "language_model.blocks.{bid}.gate_up.weight[gate]",
+    "blk.{bid}.ffn_up.weight":       "language_model.blocks.{bid}.gate_up.weight[up]",
+    "blk.{bid}.ffn_down.weight":     "language_model.blocks.{bid}.down.weight",
+    "output_norm.weight":            "language_model.norm.weight",
 }
 
 # Only in files whose output projection is not tied to the embeddings.
 LM_UNTIED_OUTPUT = {
-    "output.weight":                 "decoder.lm_head.weight",
+    "output.weight":                 "language_model.lm_head",
 }
 
 # Vision + projector file (`mmproj-omni-vlm-f16.gguf`, arch siglip), written by Nexa's
@@ -39,27 +44,27 @@ LM_UNTIED_OUTPUT = {
 # mlp.fc2 -> ffn_up. THE TRAP: ffn_down is the up-projection fc1 (hidden -> mlp, [4304, 1152])
 # and ffn_up the down-projection fc2 (mlp -> hidden, [1152, 4304]); clip.cpp applies ffn_down first.
 MMPROJ_TENSORS = {
-    "v.patch_embd.weight":           "vision.embeddings.patch_embedding.weight",
-    "v.patch_embd.bias":             "vision.embeddings.patch_embedding.bias",
-    "v.position_embd.weight":        "vision.embeddings.position_embedding.weight",
-    "v.blk.{bid}.attn_q.weight":     "vision.encoder.layers.{bid}.self_attn.q_proj.weight",
-    "v.blk.{bid}.attn_q.bias":       "vision.encoder.layers.{bid}.self_attn.q_proj.bias",
-    "v.blk.{bid}.attn_k.weight":     "vision.encoder.layers.{bid}.self_attn.k_proj.weight",
-    "v.blk.{bid}.attn_k.bias":       "vision.encoder.layers.{bid}.self_attn.k_proj.bias",
-    "v.blk.{bid}.attn_v.weight":     "vision.encoder.layers.{bid}.self_attn.v_proj.weight",
-    "v.blk.{bid}.attn_v.bias":       "vision.encoder.layers.{bid}.self_attn.v_proj.bias",
-    "v.blk.{bid}.attn_out.weight":   "vision.encoder.layers.{bid}.self_attn.out_proj.weight",
-    "v.blk.{bid}.attn_out.bias":     "vision.encoder.layers.{bid}.self_attn.out_proj.bias",
-    "v.blk.{bid}.ln1.weight":        "vision.encoder.layers.{bid}.layer_norm1.weight",
-    "v.blk.{bid}.ln1.bias":          "vision.encoder.layers.{bid}.layer_norm1.bias",
-    "v.blk.{bid}.ffn_down.weight":   "vision.encoder.layers.{bid}.mlp.fc1.weight",
-    "v.blk.{bid}.ffn_down.bias":     "vision.encoder.layers.{bid}.mlp.fc1.bias",
-    "v.blk.{bid}.ffn_up.weight":     "vision.encoder.layers.{bid}.mlp.fc2.weight",
-    "v.blk.{bid}.ffn_up.bias":       "vision.encoder.layers.{bid}.mlp.fc2.bias",
-    "v.blk.{bid}.ln2.weight":        "vision.encoder.layers.{bid}.layer_norm2.weight",
-    "v.blk.{bid}.ln2.bias":          "vision.encoder.layers.{bid}.layer_norm2.bias",
-    "v.post_ln.weight":              "vision.post_layernorm.weight",
-    "v.post_ln.bias":                "vision.post_layernorm.bias",
+    "v.patch_embd.weight":           "vision.patch_embed.weight",
+    "v.patch_embd.bias":             "vision.patch_embed.bias",
+    "v.position_embd.weight":        "vision.position",
+    "v.blk.{bid}.attn_q.weight":     "vision.blocks.{bid}.qkv.weight[q]",
+    "v.blk.{bid}.attn_q.bias":       "vision.blocks.{bid}.qkv.bias[q]",
+    "v.blk.{bid}.attn_k.weight":     "vision.blocks.{bid}.qkv.weight[k]",
+    "v.blk.{bid}.attn_k.bias":       "vision.blocks.{bid}.qkv.bias[k]",
+    "v.blk.{bid}.attn_v.weight":     "vision.blocks.{bid}.qkv.weight[v]",
+    "v.blk.{bid}.attn_v.bias":       "vision.blocks.{bid}.qkv.bias[v]",
+    "v.blk.{bid}.attn_out.weight":   "vision.blocks.{bid}.out.weight",
+    "v.blk.{bid}.attn_out.bias":     "vision.blocks.{bid}.out.bias",
+    "v.blk.{bid}.ln1.weight":        "vision.blocks.{bid}.norm1.weight",
+    "v.blk.{bid}.ln1.bias":          "vision.blocks.{bid}.norm1.bias",
+    "v.blk.{bid}.ffn_down.weight":   "vision.blocks.{bid}.fc1.weight",
+    "v.blk.{bid}.ffn_down.bias":     "vision.blocks.{bid}.fc1.bias",
+    "v.blk.{bid}.ffn_up.weight":     "vision.blocks.{bid}.fc2.weight",
+    "v.blk.{bid}.ffn_up.bias":       "vision.blocks.{bid}.fc2.bias",
+    "v.blk.{bid}.ln2.weight":        "vision.blocks.{bid}.norm2.weight",
+    "v.blk.{bid}.ln2.bias":          "vision.blocks.{bid}.norm2.bias",
+    "v.post_ln.weight":              "vision.post_norm.weight",
+    "v.post_ln.bias":                "vision.post_norm.bias",
     "mm.0.weight":                   "projector.fc1.weight",
     "mm.0.bias":                     "projector.fc1.bias",
     "mm.2.weight":                   "projector.fc2.weight",
@@ -108,6 +113,17 @@ def lm_names(n_layers: int, tied: bool = True) -> dict[str, str]:
 def mmproj_names(n_layers: int) -> dict[str, str]:
     """GGUF name -> parameter name for every tensor the mmproj file must hold."""
     return expand(MMPROJ_TENSORS, n_layers)
+
+
+_PART = re.compile(r"^(?P<param>[^\[\]]+)(?:\[(?P<part>\w+)\])?$")
+
+
+def split_part(target: str) -> tuple[str, str | None]:
+    """"blocks.0.qkv.weight[k]" -> ("blocks.0.qkv.weight", "k"); a whole parameter -> (name, None)."""
+    match = _PART.match(target)
+    if match is None:
+        raise OmniVisionError(f"malformed parameter target '{target}' in a GGUF name table")
+    return match["param"], match["part"]
 
 
 def unused_shape(gguf_name: str, vit_hidden: int, vit_mlp: int) -> tuple[int, ...]:

@@ -15,18 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.config import (
-    IM_END_ID,
-    IM_START_ID,
-    SYSTEM_PROMPT,
-    VISION_END_ID,
-    VISION_START_ID,
-    OmniVisionConfig,
-)
+from omnivision_ros.model.config import SYSTEM_PROMPT, OmniVisionConfig
 from omnivision_ros.model.tokenizer import TextTokenizer
+from omnivision_ros.model.tokens import IM_END_ID, IM_START_ID, STOP_TOKENS, VISION_END_ID, VISION_START_ID
 
 ROLE_HEADER = "<|im_start|>assistant\n"
-_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>")
 
 
 def prompt_text(question: str) -> str:
@@ -89,7 +82,7 @@ class PromptBuilder:
 
 def clean_answer(text: str) -> str:
     """Strip the role header the model writes itself, anything after a stop token, and outer blanks."""
-    for stop in _STOP_STRINGS:
+    for stop in STOP_TOKENS:
         cut = text.find(stop)
         if cut >= 0:
             text = text[:cut]

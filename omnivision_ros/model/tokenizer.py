@@ -13,31 +13,13 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.config import ENDOFTEXT_ID
+from omnivision_ros.model.tokens import ADDED_TOKENS, CONTROL_TOKENS, FIRST_ADDED_ID
 
 # The Qwen2 pre-tokenizer split (same regex as the released tokenizer).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-# Qwen2.5 control tokens, ids fixed by the released vocabulary.
-QWEN2_SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|object_ref_start|>": 151646,
-    "<|object_ref_end|>": 151647,
-    "<|box_start|>": 151648,
-    "<|box_end|>": 151649,
-    "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651,
-    "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653,
-    "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655,
-    "<|video_pad|>": 151656,
-}
 
 _TRAINING_TEXT = """
 You are a helpful assistant. Describe the image in detail. What do you see in this picture?
@@ -65,18 +47,21 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def tokenizer_json(tokens: list[str], merges: list[str], specials: dict[str, int]) -> dict:
-    """HF `tokenizers` JSON for a Qwen2-style byte-level BPE. tokens[i] is the string of regular id i."""
+def tokenizer_json(tokens: list[str], merges: list[str], specials: dict[str, int],
+                   added: dict[str, int] | None = None) -> dict:
+    """HF `tokenizers` JSON for a Qwen2-style byte-level BPE. tokens[i] is the string of regular id i;
+    `specials` are control tokens (never produced from user text), `added` plain added tokens."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [
-            {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
-            for s, i in sorted(specials.items(), key=lambda kv: kv[1])
-        ],
+        "added_tokens": sorted(
+            [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": special}
+             for table, special in ((specials, True), (added or {}, False)) for s, i in table.items()],
+            key=lambda entry: entry["id"],
+        ),
         "normalizer": {"type": "NFC"},
         "pre_tokenizer": {
             "type": "Sequence",
@@ -155,13 +140,14 @@ def synthetic_tokenizer_json() -> str:
             tokens.append(a + b)
             seen.add(a + b)
     filler = 0
-    while len(tokens) < ENDOFTEXT_ID:
+    while len(tokens) < FIRST_ADDED_ID:
         candidate = _filler_token(filler)
         filler += 1
         if candidate not in seen:
             tokens.append(candidate)
             seen.add(candidate)
-    data = tokenizer_json(tokens, [f"{a} {b}" for a, b in merges], QWEN2_SPECIAL_TOKENS)
+    plain = {text: i for text, (i, control) in ADDED_TOKENS.items() if not control}
+    data = tokenizer_json(tokens, [f"{a} {b}" for a, b in merges], CONTROL_TOKENS, plain)
     return json.dumps(data, ensure_ascii=False)
 
 

@@ -6,8 +6,7 @@ from typing import Callable
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.runtime import trt_engines as te
-
-CHOICES = ("auto", "tensorrt", "onnxruntime")
+from omnivision_ros.runtime.backend import BUNDLE_BACKENDS
 
 
 def tensorrt_readiness(bundle_path: str | Path, precision: str = "fp16") -> tuple[bool, str]:
@@ -60,8 +59,8 @@ def select_backend(
 ) -> tuple[str, str]:
     """(backend, reason) for a bundle. `auto` takes TensorRT when it is ready, else ONNX Runtime;
     an explicit `tensorrt` that cannot run raises OmniVisionError naming what is missing."""
-    if requested not in CHOICES:
-        raise OmniVisionError(f"unknown backend '{requested}' for a bundle; choose one of {', '.join(CHOICES)}")
+    if requested not in BUNDLE_BACKENDS:
+        raise OmniVisionError(f"unknown backend '{requested}' for a bundle; choose one of {', '.join(BUNDLE_BACKENDS)}")
     if requested == "onnxruntime":
         choice = ("onnxruntime", "requested")
     else:

@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Callable
 
 from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.bundle import MANIFEST
 from omnivision_ros.model.config import PRESETS
 from omnivision_ros.model.tokenizer import TextTokenizer
-from omnivision_ros.runtime.backend import Backend
-from omnivision_ros.model.bundle import MANIFEST
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+from omnivision_ros.runtime.backend import BACKENDS, Backend
 
 
 def open_model(
@@ -31,19 +29,19 @@ def open_model(
     if precision and not (Path(model) / MANIFEST).is_file():
         raise OmniVisionError(
             f"precision '{precision}' selects a variant of an exported bundle; '{model}' is not a bundle "
-            f"(presets and GGUF folders run in float32 on the torch reference)"
+            f"(presets and GGUF folders run in float32 on the torch backend)"
         )
     if model in PRESETS:
         if backend not in ("auto", "torch"):
             raise OmniVisionError(
-                f"preset '{model}' runs on the torch reference backend only; export a bundle with "
+                f"preset '{model}' runs on the torch backend only; export a bundle with "
                 f"`omnivision-export --model {model} --out DIR` to use {backend}"
             )
         _require_torch(f"preset '{model}'")
-        from omnivision_ros.model.reference import OmniVisionReference
+        from omnivision_ros.model.vision_language_model import OmniVisionModel
         from omnivision_ros.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(OmniVisionReference(PRESETS[model], seed=seed), threads), TextTokenizer.synthetic()
+        return TorchBackend(OmniVisionModel.random(PRESETS[model], seed), threads), TextTokenizer.synthetic()
     path = Path(model)
     if not path.exists():
         raise OmniVisionError(
@@ -54,18 +52,18 @@ def open_model(
     if (path / MANIFEST).is_file():
         return _open_bundle(path, backend, threads, precision, log)
     if any(path.glob("*.gguf")):
-        # The released weights: a qwen2 language model + an mmproj, loaded into the PyTorch reference.
+        # The released weights: a qwen2 language model + an mmproj, loaded into the model's PyTorch modules.
         if backend not in ("auto", "torch"):
             raise OmniVisionError(
-                f"{model} holds GGUF files, which run on the torch reference backend only; convert them with "
+                f"{model} holds GGUF files, which run on the torch backend only; convert them with "
                 f"`omnivision-export --model {model} --out BUNDLE` and open the bundle to use {backend}"
             )
         _require_torch(f"the GGUF folder {model}")
         from omnivision_ros.model.gguf_loader import load_gguf_model
         from omnivision_ros.runtime.torch_backend import TorchBackend
 
-        reference, tokenizer = load_gguf_model(path)
-        return TorchBackend(reference, threads), tokenizer
+        loaded, tokenizer = load_gguf_model(path)
+        return TorchBackend(loaded, threads), tokenizer
     raise OmniVisionError(f"{model} holds no model this version can load (expected a preset name)")
 
 
@@ -89,8 +87,8 @@ def _open_bundle(
             f"{path} is an exported bundle (ONNX graphs); the torch backend runs presets and GGUF folders only. "
             f"Use --backend auto or onnxruntime"
         )
-    from omnivision_ros.runtime.backend_select import select_backend
     from omnivision_ros.model.bundle import open_bundle
+    from omnivision_ros.runtime.backend_select import select_backend
 
     bundle = open_bundle(path)  # verifies the manifest, config and tokenizer before anything is loaded
     tokenizer = TextTokenizer.from_file(bundle.tokenizer_path)

@@ -10,46 +10,42 @@ import numpy as np
 import onnxruntime as ort
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.runtime.backend import Backend, DecoderSession
 from omnivision_ros.model.bundle import (
-    Bundle,
     VISION_INPUTS,
     VISION_OUTPUTS,
+    Bundle,
     decoder_input_names,
     decoder_output_names,
 )
+from omnivision_ros.model.variants import IO_DTYPES, VARIANTS, default_variant, variant_spec
+from omnivision_ros.runtime.backend import Backend, DecoderSession
 
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
-# Short precision names for the CPU variants that `omnivision-export --cpu-variants` derives (export/cpu_optimize.py).
-CPU_VARIANT_ALIASES = {"int8": "cpu-int8", "int4": "cpu-int4"}
-# What runs on the CPU when no precision is asked for, best first: int8 weights decode ~3.5x faster than fp32
-# and encode images ~2.5x faster, with cosine > 0.998 to fp32 (docs/performance.md); int4 is faster still
-# but drifts further from fp32 (cosine ~0.87 on random weights), so it is never picked implicitly.
-CPU_DEFAULTS = ("cpu-int8", "fp32")
-PRECISION_CHOICES = ("fp32", "fp16", *CPU_VARIANT_ALIASES)
 
 
 def resolve_variant(bundle: Bundle, precision: str | None, device: str) -> str:
     """The bundle variant for a requested precision ("fp32", "fp16", "int8", "int4" or a variant folder name)."""
     if precision is None:
-        if device == "cuda":
-            return "fp16" if "fp16" in bundle.variants else "fp32"
-        return next((v for v in CPU_DEFAULTS if v in bundle.variants), "fp32")
-    variant = CPU_VARIANT_ALIASES.get(precision, precision)
+        return default_variant(bundle.variants, device)
+    variant = precision if precision in bundle.variants else variant_spec(precision).name
     if variant not in bundle.variants:
         hint = ""
-        if precision in CPU_VARIANT_ALIASES:
+        if VARIANTS[variant].cpu_only:
             hint = (f"; add it with `omnivision-export --model {bundle.path} --out {bundle.path} "
-                    f"--cpu-variants {precision}`")
+                    f"--cpu-variants {VARIANTS[variant].precision}`")
         raise OmniVisionError(
             f"bundle {bundle.path} has no '{precision}' variant (it has: {', '.join(bundle.variants)}){hint}"
         )
-    if device == "cuda" and variant.startswith("cpu-"):
+    if device == "cuda" and _cpu_only(variant):
         raise OmniVisionError(f"'{precision}' is a CPU variant (ONNX Runtime CPU kernels); use it with device 'cpu'")
     return variant
+
+
+def _cpu_only(variant: str) -> bool:
+    spec = VARIANTS.get(variant)
+    return spec is not None and spec.cpu_only
 
 
 def _check_io(session: ort.InferenceSession, path, inputs, outputs) -> None:
@@ -79,7 +75,8 @@ class OrtBackend(Backend):
             raise OmniVisionError(
                 "device 'cuda' asked for, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
             )
-        cpu_variant = CPU_VARIANT_ALIASES.get(precision, precision or "").startswith("cpu-")
+        cpu_variant = precision is not None and _cpu_only(
+            precision if precision in bundle.variants else variant_spec(precision).name)
         self.device = "cuda" if device == "cuda" or (device == "auto" and has_cuda and not cpu_variant) else "cpu"
         precision = resolve_variant(bundle, precision, self.device)
         graphs = bundle.variant(precision)  # verifies the graph files
@@ -87,7 +84,7 @@ class OrtBackend(Backend):
         self.config = bundle.config
         self.variant = graphs.name
         self.precision = graphs.precision  # dtype of activations, KV cache and graph I/O
-        self.dtype = NUMPY_DTYPES[graphs.precision]
+        self.dtype = np.dtype(IO_DTYPES[graphs.precision])
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -121,19 +118,10 @@ class OrtBackend(Backend):
 
     def image_table(self, image_embeds: np.ndarray) -> ort.OrtValue:
         """[mp_tokens, H] -> the decoder's image_embeds input [1, mp_tokens, H] on the device."""
-        c = self.config
-        table = np.asarray(image_embeds)
-        if table.shape != (c.mp_tokens, c.lm_hidden):
-            raise OmniVisionError(f"image embeddings must be [{c.mp_tokens}, {c.lm_hidden}], got {list(table.shape)}")
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(table[None], dtype=self.dtype), self.device)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(image_embeds[None], dtype=self.dtype), self.device)
 
     def encode_images(self, pixel_values):
-        c = self.config
-        pixels = np.asarray(pixel_values)
-        if pixels.ndim != 4 or pixels.shape[1:] != (3, c.vit_image_size, c.vit_image_size):
-            raise OmniVisionError(
-                f"pixel_values must be [B, 3, {c.vit_image_size}, {c.vit_image_size}], got {list(pixels.shape)}"
-            )
+        pixels = self.check_pixels(pixel_values)
         embeds = self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixels, dtype=self.dtype)})[0]
         return embeds.astype(np.float32, copy=False)  # [B, mp_tokens, H]
 
@@ -149,43 +137,18 @@ class OrtSession(DecoderSession):
     """One sequence (batch 1) whose KV cache lives in OrtValues on the backend's device."""
 
     def __init__(self, backend: OrtBackend, past: list, length: int, image: ort.OrtValue, has_image: bool):
+        super().__init__(backend.config, backend.config.lm_max_context, length, has_image)
         self.backend = backend
         self.past = past  # OrtValues [1, kv, length, hd], in decoder input order
-        self.length = length
         self.image = image
-        self.has_image = has_image
 
-    def prefill(self, ids, image_embeds=None):
-        ids = np.asarray(ids).reshape(-1)
-        if image_embeds is not None:
-            self.image = self.backend.image_table(image_embeds)
-            self.has_image = True
-        return self._run(ids)
-
-    def step(self, token_id):
-        return self._run(np.asarray([token_id]))
-
-    def _run(self, ids: np.ndarray) -> np.ndarray:
-        if self.past is None:
-            raise OmniVisionError("this decoder session is closed")
-        c = self.backend.config
-        if ids.size == 0:
-            raise OmniVisionError("prefill needs at least one token id")
-        limit = c.lm_vocab + c.mp_tokens
-        if ids.min() < 0 or ids.max() >= limit:
-            raise OmniVisionError(f"token ids must lie in [0, {limit}), got {ids.min()}..{ids.max()}")
-        if not self.has_image and ids.max() >= c.lm_vocab:
-            raise OmniVisionError("image positions in the ids but no image embeddings given to this session")
-        if self.length + ids.size > c.lm_max_context:
-            raise OmniVisionError(
-                f"sequence of {self.length + ids.size} tokens exceeds the context of {c.lm_max_context}"
-            )
-
+    def _run(self, ids: np.ndarray, image_embeds: np.ndarray | None) -> np.ndarray:
         backend = self.backend
-        input_ids = ids.astype(np.int32)[None]  # [1, T]
+        if image_embeds is not None:
+            self.image = backend.image_table(image_embeds)
         positions = np.arange(self.length, self.length + ids.size, dtype=np.int32)[None]
         binding = backend.decoder.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("input_ids", ids[None])  # [1, T] int32
         binding.bind_cpu_input("position_ids", positions)
         binding.bind_ortvalue_input("image_embeds", self.image)
         for name, value in zip(backend.input_names[3:], self.past):
@@ -196,16 +159,13 @@ class OrtSession(DecoderSession):
         backend.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.past = list(outputs[1:])
-        self.length += ids.size
         return outputs[0].numpy()[0]  # [vocab] float32
 
-    def fork(self):
-        if self.past is None:
-            raise OmniVisionError("this decoder session is closed")
+    def _fork(self):
         # The cache OrtValues are never written after the run that made them (the next run allocates
         # new present tensors), so the copy can share them: forks diverge without touching each other.
         return OrtSession(self.backend, list(self.past), self.length, self.image, self.has_image)
 
-    def close(self):
+    def _close(self):
         self.past = None
         self.image = None

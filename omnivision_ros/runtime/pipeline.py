@@ -96,9 +96,6 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key) -> bool:
-        return key in self._items
-
 
 def frame_digest(image: np.ndarray) -> str:
     """Content key for a frame when the caller has none."""

@@ -332,62 +332,31 @@ class _SessionBuffers:
 
 
 class TensorRTSession(DecoderSession):
+    context_hint = " (rebuild engines with a larger --max-context)"
+
     def __init__(self, backend: "TensorRTBackend", buffers: _SessionBuffers, length: int = 0,
                  parity: int = 0, has_image: bool = False):
+        super().__init__(backend.config, backend.max_context, length, has_image)
         self.backend = backend
         self.buffers: _SessionBuffers | None = buffers
-        self.length = length
         self.parity = parity  # which KV set holds the past
-        self.has_image = has_image
 
-    def _live(self) -> _SessionBuffers:
-        if self.buffers is None:
-            raise OmniVisionError("this TensorRT decoder session is closed")
-        return self.buffers
-
-    def prefill(self, ids, image_embeds=None):
-        buffers = self._live()
-        cfg = self.backend.config
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size == 0:
-            raise OmniVisionError("prefill needs at least one token")
-        if ids.min() < 0 or ids.max() >= cfg.lm_vocab + cfg.mp_tokens:
-            raise OmniVisionError(f"token id out of range 0..{cfg.lm_vocab + cfg.mp_tokens - 1}")
+    def _run(self, ids, image_embeds):
+        buffers = self.buffers
         if image_embeds is not None:
-            embeds = np.asarray(image_embeds, dtype=np.float32)
-            if embeds.shape != (cfg.mp_tokens, cfg.lm_hidden):
-                raise OmniVisionError(f"image embeddings must be [{cfg.mp_tokens}, {cfg.lm_hidden}], got {list(embeds.shape)}")
-            buffers.embeds_host.array[:] = embeds  # cast to the engine's dtype
+            buffers.embeds_host.array[:] = image_embeds  # cast to the engine's dtype
             copy_to_device(buffers.embeds, buffers.embeds_host.array, buffers.stream)
-            self.has_image = True
-        elif ids.max() >= cfg.lm_vocab and not self.has_image:
-            raise OmniVisionError("the prompt has image positions but no image embeddings were given to this session")
-        if self.length + ids.size > self.backend.max_context:
-            raise OmniVisionError(
-                f"context full: {self.length} + {ids.size} tokens exceed the engine's {self.backend.max_context} "
-                "(rebuild engines with a larger --max-context)"
-            )
         logits = None
         for start, end in te.prefill_chunks(ids.size, self.backend.max_prefill):
-            logits = self.backend._run(self, ids[start:end])
+            logits = self.backend._run(self, ids[start:end], self.length + start)
         return logits
 
-    def step(self, token_id):
-        self._live()
-        if not 0 <= int(token_id) < self.backend.config.lm_vocab:
-            raise OmniVisionError(f"token id {token_id} out of range 0..{self.backend.config.lm_vocab - 1}")
-        if self.length + 1 > self.backend.max_context:
-            raise OmniVisionError(f"context full: the engine holds {self.backend.max_context} tokens")
-        return self.backend._run(self, np.asarray([token_id]))
+    def _fork(self):
+        return self.backend._fork(self, self.buffers)
 
-    def fork(self):
-        src = self._live()
-        return self.backend._fork(self, src)
-
-    def close(self):
-        if self.buffers is not None:
-            buffers, self.buffers = self.buffers, None
-            self.backend._release(buffers)
+    def _close(self):
+        buffers, self.buffers = self.buffers, None
+        self.backend._release(buffers)
 
 
 class TensorRTBackend(Backend):
@@ -446,10 +415,8 @@ class TensorRTBackend(Backend):
 
     def encode_images(self, pixel_values):
         self._check_open()
-        pixels = np.asarray(pixel_values, dtype=np.float32)
+        pixels = np.asarray(self.check_pixels(pixel_values), dtype=np.float32)
         s = self.config.vit_image_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
-            raise OmniVisionError(f"pixel_values must be [B, 3, {s}, {s}], got {list(pixels.shape)}")
         out = []
         with self._lock:
             for start in range(0, pixels.shape[0], self.max_cameras):
@@ -499,11 +466,11 @@ class TensorRTBackend(Backend):
         dst.stream.synchronize()  # the source may be closed and reused as soon as we return
         return TensorRTSession(self, dst, session.length, 0, session.has_image)
 
-    def _run(self, session: TensorRTSession, ids: np.ndarray) -> np.ndarray:
-        """One engine call: ids [T] appended to the session's past; returns fp32 logits [vocab]."""
+    def _run(self, session: TensorRTSession, ids: np.ndarray, p: int) -> np.ndarray:
+        """One engine call: ids [T] appended to the session's past of p tokens; returns fp32 logits [vocab]."""
         self._check_open()
         b = session.buffers
-        t, p = int(ids.size), session.length
+        t = int(ids.size)
         profile = te.choose_profile(t, p)
         b.ids_host.array[:t] = ids
         b.positions_host.array[:t] = np.arange(p, p + t, dtype=np.int32)
@@ -525,7 +492,6 @@ class TensorRTBackend(Backend):
             logits = b.logits_host.array.astype(np.float32)
             if self.cuda_graphs and profile == te.DECODE_PROFILE and not replay:
                 self._capture(b, key)
-        session.length += t
         session.parity ^= 1
         return logits
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
+from omnivision_ros.model.variants import TENSORRT_PRECISIONS
 
 ENGINES_DIR = "engines"
 ENGINE_MANIFEST = "engine.json"
 ENGINE_FORMAT = 1
 GRAPHS = ("vision", "decoder")
-PRECISIONS = ("fp16", "fp32")
 
 # Orin Nano has 8 GB shared by CPU and GPU; 1 GiB of builder scratch leaves room for the
 # ~1 GB of fp16 weights the builder holds while timing tactics. Larger GPUs may raise it.
@@ -61,8 +61,8 @@ class EngineOptions:
         max_prefill = self.max_prefill or min(DEFAULT_MAX_PREFILL, max_context)
         opts = dataclasses.replace(self, max_context=max_context, max_prefill=max_prefill)
         problems = []
-        if opts.precision not in PRECISIONS:
-            problems.append(f"precision '{opts.precision}' is not one of {', '.join(PRECISIONS)}")
+        if opts.precision not in TENSORRT_PRECISIONS:
+            problems.append(f"precision '{opts.precision}' is not one of {', '.join(TENSORRT_PRECISIONS)}")
         if opts.max_cameras < 1 or not 1 <= opts.opt_cameras <= opts.max_cameras:
             problems.append(f"need 1 <= opt_cameras ({opts.opt_cameras}) <= max_cameras ({opts.max_cameras})")
         if max_context < 2:
@@ -119,7 +119,7 @@ def engine_key(trt_version: str, compute_capability: str, precision: str, digest
         raise OmniVisionError(f"unexpected TensorRT version string '{trt_version}'")
     if not re.fullmatch(r"[0-9]+\.[0-9]+", compute_capability):
         raise OmniVisionError(f"unexpected GPU compute capability '{compute_capability}'")
-    if precision not in PRECISIONS:
+    if precision not in TENSORRT_PRECISIONS:
         raise OmniVisionError(f"unknown engine precision '{precision}'")
     sm = compute_capability.replace(".", "")
     return f"trt{trt_version}-sm{sm}-{precision}-{digest[:12]}"

@@ -4,7 +4,7 @@ Same file names, architecture keys, metadata keys, tensor names and tensor types
 `Nano-Vlm-Processor-494M-F16.gguf` (llama.cpp qwen2 layout + tokenizer) and `mmproj-omni-vlm-f16.gguf`
 (Nexa's converter: arch siglip, fc1 stored as ffn_down, the unused v.head.* tensors), so the real
 loading code is what tests and benchmarks exercise. The weights are those of
-`OmniVisionReference(config, seed)`: a test can rebuild the source model and compare.
+`OmniVisionModel.random(config, seed)`: a test can rebuild the source model and compare.
 """
 from __future__ import annotations
 
@@ -19,27 +19,15 @@ import numpy as np
 
 from omnivision_ros.errors import OmniVisionError, run_command
 from omnivision_ros.model import gguf_names
-from omnivision_ros.model.config import PRESETS, SPECIAL_TOKENS, OmniVisionConfig, get_preset
-from omnivision_ros.model.tokenizer import QWEN2_SPECIAL_TOKENS, synthetic_tokenizer_json
+from omnivision_ros.model.config import PRESETS, OmniVisionConfig, get_preset
+from omnivision_ros.model.tokenizer import synthetic_tokenizer_json
+from omnivision_ros.model.tokens import ADDED_TOKENS, ENDOFTEXT_ID, IM_END_ID, LAST_ADDED_ID
 
 DTYPES = ("f16", "f32", "q8_0")
 LM_FILE = {"f16": "Nano-Vlm-Processor-494M-F16.gguf", "f32": "Nano-Vlm-Processor-494M-F32.gguf",
            "q8_0": "Nano-Vlm-Processor-494M-Q8_0.gguf"}
 MMPROJ_FILE = {"f16": "mmproj-omni-vlm-f16.gguf", "f32": "mmproj-omni-vlm-f32.gguf",
                "q8_0": "mmproj-omni-vlm-q8_0.gguf"}
-
-# Qwen2.5's added tokens after the ones the synthetic tokenizer has (ids fixed by the vocabulary).
-QWEN25_EXTRA_TOKENS = {
-    "<tool_call>": 151657,
-    "</tool_call>": 151658,
-    "<|fim_prefix|>": 151659,
-    "<|fim_middle|>": 151660,
-    "<|fim_suffix|>": 151661,
-    "<|fim_pad|>": 151662,
-    "<|repo_name|>": 151663,
-    "<|file_sep|>": 151664,
-}
-
 
 def tensor_type(name: str, ndim: int, row: int, dtype: str):
     """GGML type the release uses for a tensor: matrices in the file's dtype, 1-D tensors F32.
@@ -78,16 +66,14 @@ def _tokenizer_metadata(config: OmniVisionConfig) -> tuple[list[str], list[int],
         tokens[i] = tok
     types = [int(TokenType.NORMAL)] * len(tokens)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    added = {**QWEN2_SPECIAL_TOKENS, **QWEN25_EXTRA_TOKENS}
-    if config.lm_vocab <= max(added.values()):
+    if config.lm_vocab <= LAST_ADDED_ID:
         raise OmniVisionError(f"lm_vocab {config.lm_vocab} cannot hold the Qwen2.5 added tokens")
     for i in range(len(tokens), config.lm_vocab):
         tokens.append(f"[PAD{i}]")  # what llama.cpp's converter writes for embedding rows without a token
         types.append(int(TokenType.UNUSED))
-    for tok, i in added.items():
-        looks_special = tok.startswith("<|") and tok.endswith("|>")
+    for tok, (i, control) in ADDED_TOKENS.items():
         tokens[i] = tok
-        types[i] = int(TokenType.CONTROL if looks_special else TokenType.USER_DEFINED)
+        types[i] = int(TokenType.CONTROL if control else TokenType.USER_DEFINED)
     return tokens, types, merges
 
 
@@ -121,10 +107,11 @@ def _file_type(dtype: str) -> int:
 
 def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny", dtype: str = "f16",
                      seed: int = 0, progress: bool = False) -> tuple[Path, Path]:
-    """Write OmniVisionReference(config, seed) as (language-model GGUF, mmproj GGUF) into out_dir."""
+    """Write OmniVisionModel.random(config, seed) as (language-model GGUF, mmproj GGUF) into out_dir."""
     import torch
 
-    from omnivision_ros.model.reference import OmniVisionReference
+    from omnivision_ros.model.gguf_loader import model_tensor
+    from omnivision_ros.model.vision_language_model import OmniVisionModel
 
     if isinstance(config, str):
         config = get_preset(config)
@@ -135,17 +122,16 @@ def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OmniVisionError(f"cannot create output folder {out_dir}: {exc}") from exc
-    model = OmniVisionReference(config, seed=seed)
-    params = dict(model.named_parameters())
+    model = OmniVisionModel.random(config, seed)
 
-    def param(name: str) -> Callable[[], np.ndarray]:
-        return lambda: params[name].detach().to(torch.float32).numpy()
+    def tensor(target: str) -> Callable[[], np.ndarray]:
+        return lambda: model_tensor(model, target).to(torch.float32).numpy()
 
     def planned(names: dict[str, str]) -> list:
         out = []
-        for gguf_name, param_name in names.items():
-            shape = tuple(params[param_name].shape)
-            out.append((gguf_name, shape, tensor_type(gguf_name, len(shape), shape[-1], dtype), param(param_name)))
+        for gguf_name, target in names.items():
+            shape = tuple(model_tensor(model, target).shape)
+            out.append((gguf_name, shape, tensor_type(gguf_name, len(shape), shape[-1], dtype), tensor(target)))
         return out
 
     # LM file: llama.cpp qwen2 metadata + tokenizer.
@@ -173,9 +159,9 @@ def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_eos_token_id(SPECIAL_TOKENS["<|im_end|>"])
-        w.add_pad_token_id(SPECIAL_TOKENS["<|endoftext|>"])
-        w.add_bos_token_id(SPECIAL_TOKENS["<|endoftext|>"])
+        w.add_eos_token_id(IM_END_ID)
+        w.add_pad_token_id(ENDOFTEXT_ID)
+        w.add_bos_token_id(ENDOFTEXT_ID)
         w.add_add_bos_token(False)
 
     # mmproj file: exactly the keys of Nexa's convert_image_encoder_to_gguf.py.
