@@ -8,6 +8,7 @@ select row (id - lm_vocab) of the image table instead of a token embedding (Tens
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +21,17 @@ MASK_VALUE = float(torch.finfo(torch.float16).min)
 
 
 def rope_tables(config: OmniVisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [lm_max_context, head_dim] in float32, computed exactly as transformers' Qwen2 does
-    (precomputed rather than exported as trigonometry)."""
+    """cos, sin [lm_max_context, head_dim] in float32 (precomputed rather than exported as trigonometry).
+
+    The angles are transformers' Qwen2 float32 angles; cos/sin are taken in float64 by NumPy and rounded: torch's
+    cos/sin took different kernel paths in different process states (float32 results up to 1.5e-4
+    apart at angles of a few hundred radians), and an exported table must not depend on that."""
     dim = config.lm_head_dim
     inv_freq = 1.0 / (config.lm_rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     freqs = torch.arange(config.lm_max_context).float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    angles = emb.numpy().astype(np.float64)  # NumPy: one code path whatever torch's thread state
+    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
