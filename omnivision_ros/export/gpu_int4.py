@@ -8,9 +8,9 @@ later; Orin is sm_87): blocking along axis 0 of the [K, N] MatMul weight (the in
 strictly positive, zero points absent. ModelOpt's INT4 exporter writes the same form.
 
 Quantization: symmetric, per block of `block_size` input channels and per output channel, values in
-[-8, 7]. Each block's scale is chosen among absmax / d for a few divisors d in [6.5, 8.5] to minimise the
-block's squared error (llama.cpp's Q4_0 takes d = 8 with a signed scale so its largest value is exactly -8;
-TensorRT needs positive scales, so the search recovers that level where it pays). The tied embedding stays
+[-8, 7]. Each block's scale is chosen among absmax / d for divisors d in [6, 9] and their least-squares
+refinements to minimise the block's squared error (llama.cpp's Q4_0 takes d = 8 with a signed scale so its
+largest value is exactly -8, a level a positive scale cannot always reach; TensorRT needs positive scales). The tied embedding stays
 float16 (model/variants.py says why); the vision graph is the fp16 variant's.
 
 ONNX Runtime runs these graphs on its CPU provider too (that is how CI checks them); by default it fuses
@@ -30,12 +30,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.export import manifest as mf
-from omnivision_ros.export.onnx_export import CONTROL_FLOW_OPS
-from omnivision_ros.model.bundle import ONNX_IR_VERSION, open_bundle
+from omnivision_ros.model.bundle import CONTROL_FLOW_OPS, ONNX_IR_VERSION, open_bundle
 from omnivision_ros.model.variants import GPU_INT4, VARIANTS, Quantization
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and INT4 inputs
-SCALE_DIVISORS = np.linspace(6.5, 8.5, 9)  # absmax / d candidates per block; 8 is Q4_0's choice
+SCALE_DIVISORS = np.linspace(6.0, 9.0, 17)  # absmax / d candidates per block; 8 is Q4_0's choice
 FP16_TINY = np.float16(2.0 ** -14)  # the scale of an all-zero block: any positive value dequantizes 0 to 0
 
 
@@ -57,16 +56,25 @@ def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
     best_q = np.zeros(blocks.shape, np.int8)
     best_scale = np.full(absmax.shape, FP16_TINY, np.float16)
     best_err = np.full(absmax.shape, np.inf, np.float32)
-    for divisor in SCALE_DIVISORS:
-        scale = (absmax / divisor).astype(np.float16)
-        scale[scale <= 0] = FP16_TINY  # all-zero blocks, or scales below float16's range
+
+    def quantized(scale: np.ndarray):
+        scale = scale.astype(np.float16)
+        scale[~(scale > 0)] = FP16_TINY  # all-zero blocks, or scales below float16's range
         s = scale.astype(np.float32)[:, None, :]
         q = np.clip(np.rint(blocks / s), -8, 7)
-        err = ((q * s - blocks) ** 2).sum(axis=1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, scale, best_scale)
-        best_q = np.where(better[:, None, :], q.astype(np.int8), best_q)
+        return q, scale, ((q * s - blocks) ** 2).sum(axis=1)
+
+    for divisor in SCALE_DIVISORS:
+        q, scale, err = quantized(absmax / divisor)
+        # Then the least-squares scale for those levels, and the levels for that scale (llama.cpp's k-quants
+        # refine their scales the same way).
+        den = (q * q).sum(axis=1)
+        fitted = np.where(den > 0, (q * blocks).sum(axis=1) / np.maximum(den, 1e-30), 0)
+        for q, scale, err in ((q, scale, err), quantized(fitted)):
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_q = np.where(better[:, None, :], q.astype(np.int8), best_q)
     return best_q.reshape(k, n), best_scale
 
 
