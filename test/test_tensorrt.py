@@ -1,13 +1,12 @@
 """TensorRT: engine keys, profiles and the reuse decision (plain functions), backend selection without
 TensorRT, the lm_head split on ONNX Runtime, and the builder + backend end to end.
 
-The end-to-end tests run twice: on a fake TensorRT + CUDA (below: the TensorRT 10 / cuda-python calls
-the code makes, checked the way TensorRT checks them, with ONNX Runtime computing on host memory), so
-the KV double-buffering, profiles, chunked prefill, forks, pooling and graph replay are exercised
-everywhere; and on the real TensorRT when it and a GPU are present (skipped otherwise).
+The end-to-end tests run twice: on the simulated TensorRT + CUDA of fake_tensorrt.py (the TensorRT 10 /
+cuda-python calls the code makes, checked the way TensorRT checks them, asynchronous streams, ONNX Runtime
+computing on host memory), so the per-profile contexts, shared activation memory, KV double-buffering,
+chunked prefill, forks, pooling and graph replay are exercised everywhere; and on the real TensorRT when it
+and a GPU are present (skipped otherwise).
 """
-import ctypes
-import json
 import os
 import subprocess
 import sys
@@ -17,16 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fake_tensorrt import Err, FakeCuda, make_fake_tensorrt
+
 from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.bundle import open_bundle
 from omnivision_ros.model.config import get_preset
 from omnivision_ros.runtime import tensorrt_backend as tb
 from omnivision_ros.runtime import trt_engines as te
+from omnivision_ros.runtime import trt_env as tenv
 from omnivision_ros.runtime.backend_select import select_backend
+from omnivision_ros.runtime.factory import open_tensorrt_backend
 
 
 def _real_tensorrt() -> bool:
     try:
-        return tb.tensorrt_status()[0]
+        return tenv.tensorrt_status()[0]
     except Exception:
         return False
 
@@ -191,51 +195,43 @@ def test_explicit_tensorrt_names_the_missing_package(no_tensorrt, tmp_path):
     with pytest.raises(OmniVisionError, match=r"backend 'tensorrt' cannot run: the `tensorrt` Python package is not installed"):
         select_backend("tensorrt", tmp_path)
     with pytest.raises(OmniVisionError, match="`tensorrt` Python package"):
-        tb.open_tensorrt(tmp_path)
+        open_tensorrt_backend(None)
 
 
 def test_auto_falls_back_to_onnxruntime_and_says_why(no_tensorrt, tmp_path):
     lines = []
-    choice, reason = select_backend("auto", tmp_path, log=lines.append)
-    assert choice == "onnxruntime"
-    assert reason.startswith("TensorRT not used: the `tensorrt` Python package is not installed")
-    assert lines == [f"backend: onnxruntime ({reason})"]
-    assert select_backend("onnxruntime", tmp_path) == ("onnxruntime", "requested")
+    choice = select_backend("auto", tmp_path, log=lines.append)
+    assert choice.backend == "onnxruntime" and choice.probe is None
+    assert choice.reason.startswith("TensorRT not used: the `tensorrt` Python package is not installed")
+    assert lines == [f"backend: onnxruntime ({choice.reason})"]
+    assert select_backend("onnxruntime", tmp_path).backend == "onnxruntime"
     with pytest.raises(OmniVisionError, match="unknown backend"):
         select_backend("openvino", tmp_path)
 
 
-class _Err(int):
-    """A cudaError_t stand-in: an int with .value, as cuda-python's enums are."""
-
-    @property
-    def value(self):
-        return int(self)
-
-
 def test_missing_cuda_bindings_and_missing_gpu_are_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
-    monkeypatch.setattr(tb, "_cudart", None)
+    monkeypatch.setattr(tenv, "_cudart", None)
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     with pytest.raises(OmniVisionError, match="CUDA runtime bindings are not installed"):
         select_backend("tensorrt", tmp_path)
 
     no_gpu = types.SimpleNamespace(
-        cudaGetDeviceCount=lambda: (_Err(100), 0),
-        cudaGetErrorName=lambda err: (_Err(0), b"cudaErrorNoDevice"),
+        cudaGetDeviceCount=lambda: (Err(100), 0),
+        cudaGetErrorName=lambda err: (Err(0), b"cudaErrorNoDevice"),
     )
-    monkeypatch.setattr(tb, "_cudart", no_gpu)
-    with pytest.raises(OmniVisionError, match=r"no CUDA GPU is visible \(cudaGetDeviceCount failed: cudaErrorNoDevice \(100\)\)"):
+    monkeypatch.setattr(tenv, "_cudart", no_gpu)
+    with pytest.raises(OmniVisionError, match=r"no CUDA GPU is visible \(cudaGetDeviceCount failed: cudaErrorNoDevice \(100\); check"):
         select_backend("tensorrt", tmp_path)
-    choice, reason = select_backend("auto", tmp_path)
-    assert choice == "onnxruntime" and "no CUDA GPU is visible" in reason
+    choice = select_backend("auto", tmp_path)
+    assert choice.backend == "onnxruntime" and "no CUDA GPU is visible" in choice.reason
 
 
 def test_cuda_check_unwraps_and_raises():
-    assert tb.cuda_check((_Err(0),)) is None
-    assert tb.cuda_check((_Err(0), 42)) == 42
-    assert tb.cuda_check((_Err(0), 1, 2)) == (1, 2)
+    assert tenv.cuda_check((Err(0),)) is None
+    assert tenv.cuda_check((Err(0), 42)) == 42
+    assert tenv.cuda_check((Err(0), 1, 2)) == (1, 2)
 
 
 def test_verify_exits_2_with_a_clear_message_without_tensorrt(no_tensorrt, tmp_path, capsys):
@@ -341,286 +337,6 @@ def test_split_lm_head_handles_matmul_over_a_transpose(tmp_path):
         split_lm_head(src, tmp_path / "x.onnx", 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# A fake TensorRT 10 + cuda-python runtime: the calls this package makes, with TensorRT's checks,
-# computing with ONNX Runtime on host memory ("device pointers" are host addresses).
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
-
-
-class FakeCuda:
-    class cudaMemcpyKind:
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
-
-    class cudaDeviceAttr:
-        cudaDevAttrComputeCapabilityMajor = 75
-        cudaDevAttrComputeCapabilityMinor = 76
-
-    class cudaStreamCaptureMode:
-        cudaStreamCaptureModeThreadLocal = 1
-
-    def __init__(self):
-        self.blocks, self.capturing = {}, {}
-        self.mallocs = self.frees = self.launches = 0
-
-    ok = _Err(0)
-
-    def _alloc(self, n):
-        block = ctypes.create_string_buffer(n)
-        self.blocks[ctypes.addressof(block)] = block
-        self.mallocs += 1
-        return self.ok, ctypes.addressof(block)
-
-    def _free(self, ptr):
-        del self.blocks[ptr]
-        self.frees += 1
-        return (self.ok,)
-
-    cudaMalloc = cudaMallocHost = _alloc
-    cudaFree = cudaFreeHost = _free
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        assert stream is not None and n >= 0
-        ctypes.memmove(dst, src, n)
-        return (self.ok,)
-
-    def cudaStreamCreate(self):
-        return self.ok, object()
-
-    def cudaStreamSynchronize(self, stream):
-        return (self.ok,)
-
-    def cudaStreamDestroy(self, stream):
-        return (self.ok,)
-
-    def cudaGetDeviceCount(self):
-        return self.ok, 1
-
-    def cudaDeviceGetAttribute(self, attr, device):
-        return self.ok, 8 if attr == 75 else 7
-
-    def cudaGetDeviceProperties(self, device):
-        return self.ok, types.SimpleNamespace(name=b"Fake Orin\0")
-
-    def cudaGetErrorName(self, err):
-        return self.ok, b"cudaErrorFake"
-
-    def cudaStreamBeginCapture(self, stream, mode):
-        self.capturing[id(stream)] = []
-        return (self.ok,)
-
-    def cudaStreamEndCapture(self, stream):
-        return self.ok, self.capturing.pop(id(stream))
-
-    def cudaGraphInstantiate(self, graph, flags):
-        return self.ok, list(graph)
-
-    def cudaGraphLaunch(self, graph_exec, stream):
-        self.launches += 1
-        for fn in graph_exec:
-            fn()
-        return (self.ok,)
-
-    def cudaGraphExecDestroy(self, graph_exec):
-        return (self.ok,)
-
-    cudaGraphDestroy = cudaGraphExecDestroy
-
-
-def _read(ptr, shape, dtype):
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if n == 0:
-        return np.zeros(shape, dtype)
-    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype).reshape(shape).copy()
-
-
-def make_fake_tensorrt(cuda: FakeCuda):
-    import onnx
-    import onnxruntime as ort
-
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0"
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
-    trt.nptype = lambda dtype: dtype
-    trt.builds = []
-
-    class Logger:
-        WARNING, INFO = 2, 3
-
-        def __init__(self, severity):
-            pass
-
-    class IProgressMonitor:
-        def __init__(self):
-            pass
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
-
-        def set_optimization_profile_async(self, index, stream):
-            if not 0 <= index < len(self.engine.profiles):
-                raise RuntimeError("Error in set optimization profile async.")
-            self.profile, self.shapes = index, {}  # switching invalidates the input shapes
-            return True
-
-        def set_input_shape(self, name, shape):
-            lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
-            if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
-                return False
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def set_tensor_address(self, name, ptr):
-            assert name in self.engine.io and isinstance(ptr, int) and ptr
-            self.addresses[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream_handle):
-            shapes, addresses = dict(self.shapes), dict(self.addresses)
-            inputs = [n for n, (is_in, _, _) in self.engine.io.items() if is_in]
-            if set(inputs) - set(shapes) or set(self.engine.io) - set(addresses):
-                return False  # TensorRT: all input shapes and all addresses are needed
-
-            def run():
-                feeds = {n: _read(addresses[n], shapes[n], self.engine.io[n][1]) for n in inputs}
-                outs = self.engine.session.run(None, feeds)
-                for out, value in zip(self.engine.session.get_outputs(), outs):
-                    value = np.ascontiguousarray(value, self.engine.io[out.name][1])
-                    ctypes.memmove(addresses[out.name], value.ctypes.data, value.nbytes)
-
-            if id(stream_handle) in cuda.capturing:
-                cuda.capturing[id(stream_handle)].append(run)
-            else:
-                run()
-            return True
-
-    class Engine:
-        def __init__(self, plan: bytes):
-            header, model = plan.split(b"\n", 1)
-            self.profiles = json.loads(header)["profiles"]
-            self.session = ort.InferenceSession(model)
-            self.io = {}
-            for value, is_in in [(v, True) for v in self.session.get_inputs()] + [(v, False) for v in self.session.get_outputs()]:
-                shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
-                self.io[value.name] = (is_in, _ORT_TYPES[value.type], shape)
-            self.num_io_tensors = len(self.io)
-            self.num_optimization_profiles = len(self.profiles)
-
-        def get_tensor_name(self, i):
-            return list(self.io)[i]
-
-        def get_tensor_mode(self, name):
-            return trt.TensorIOMode.INPUT if self.io[name][0] else trt.TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return self.io[name][1]
-
-        def get_tensor_shape(self, name):
-            return self.io[name][2]
-
-        def get_tensor_profile_shape(self, name, profile):
-            return [tuple(s) for s in self.profiles[profile][name]]
-
-        def create_execution_context(self):
-            return Context(self)
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine(bytes(data)) if data.startswith(b'{"profiles"') else None
-
-    class Network:
-        inputs: list = []
-        num_inputs = 0
-
-        def get_input(self, i):
-            return types.SimpleNamespace(name=self.inputs[i])
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            model = onnx.load(path)  # external data resolved next to the file, as TensorRT does
-            self.network.inputs = [i.name for i in model.graph.input]
-            self.network.num_inputs = len(self.network.inputs)
-            self.network.model = model.SerializeToString()
-            self.network.source = path
-            return True
-
-    class TimingCache:
-        def serialize(self):
-            return b"fake timing cache"
-
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, lo, opt, hi):
-            if not (len(lo) == len(opt) == len(hi)) or not all(0 <= a <= b <= c for a, b, c in zip(lo, opt, hi)):
-                raise ValueError(f"bad profile for {name}")
-            self.shapes[name] = [list(lo), list(opt), list(hi)]
-
-    class Config:
-        progress_monitor = None
-
-        def __init__(self):
-            self.profiles, self.cache = [], None
-
-        def set_memory_pool_limit(self, pool, size):
-            assert pool == "WORKSPACE" and size >= 64 << 20
-
-        def create_timing_cache(self, data):
-            return TimingCache()
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile.shapes)
-            return len(self.profiles) - 1
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            assert flags == 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            assert config.cache is not None and config.profiles
-            for profile in config.profiles:
-                assert set(profile) == set(network.inputs)
-            if config.progress_monitor is not None:
-                config.progress_monitor.phase_start("Building engine", None, 2)
-                assert config.progress_monitor.step_complete("Building engine", 1)
-                config.progress_monitor.phase_finish("Building engine")
-            trt.builds.append(network.source)
-            return json.dumps({"profiles": config.profiles}).encode() + b"\n" + network.model
-
-    trt.Logger, trt.IProgressMonitor, trt.Runtime = Logger, IProgressMonitor, Runtime
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
-    return trt
-
-
 @pytest.fixture(params=["fake", "real"])
 def trt_env(request, monkeypatch):
     """(tensorrt module, cuda fake or None): a fake TensorRT everywhere; the real one where present."""
@@ -633,7 +349,7 @@ def trt_env(request, monkeypatch):
     cuda = FakeCuda()
     trt = make_fake_tensorrt(cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(tb, "_cudart", cuda)
+    monkeypatch.setattr(tenv, "_cudart", cuda)
     return trt, cuda
 
 
@@ -713,7 +429,7 @@ def test_engines_build_then_match_onnxruntime(trt_env, work_bundle, reference):
     assert any(line.startswith("build: no engines for") for line in lines)
     assert (folder.parent / te.timing_cache_name(manifest["tensorrt"], manifest["compute_capability"])).is_file()
 
-    backend = tb.open_tensorrt(work_bundle, log=lines.append)
+    backend = open_tensorrt_backend(open_bundle(work_bundle), log=lines.append)
     try:
         assert (backend.max_cameras, backend.max_context, backend.max_prefill) == (2, 256, 64)
         embeds = backend.encode_images(np.concatenate([reference.pixels, reference.pixels[:1]]))  # 3 frames: 2 calls
@@ -764,11 +480,11 @@ def test_engine_cache_reuse_and_rebuild_on_mismatch(trt_env, work_bundle):
 
     # The runtime takes whatever options the engines were built with, and reports a stale build.
     lines.clear()
-    tb.open_tensorrt(work_bundle, build=False, log=lines.append).close()
+    open_tensorrt_backend(open_bundle(work_bundle), build=False, log=lines.append).close()
     assert lines[0].startswith("tensorrt: reuse ")
     (folder / "vision.plan").write_bytes(b"garbage")
     with pytest.raises(OmniVisionError, match="vision.plan has 7 bytes"):
-        tb.open_tensorrt(work_bundle, build=False)
+        open_tensorrt_backend(open_bundle(work_bundle), build=False)
 
 
 def test_lm_head_split_engine_and_cuda_graph_replay(trt_env, work_bundle, reference):
@@ -779,7 +495,7 @@ def test_lm_head_split_engine_and_cuda_graph_replay(trt_env, work_bundle, refere
     assert not (work_bundle / te.ENGINES_DIR / ".work").exists()  # the split graph was a build intermediate
     if cuda is not None:
         assert "lmsplit4" in trt.builds[-1]
-    backend = tb.open_tensorrt(work_bundle, cuda_graphs=True)
+    backend = open_tensorrt_backend(open_bundle(work_bundle), cuda_graphs=True)
     try:
         first = _teacher_forced(backend, reference)
         second = _teacher_forced(backend, reference)  # same pooled buffers: decode steps replay graphs
@@ -795,13 +511,25 @@ def test_lm_head_split_engine_and_cuda_graph_replay(trt_env, work_bundle, refere
 def test_verify_reports_and_judges(trt_env, work_bundle, capsys):
     from omnivision_ros.cli import verify
 
+    trt, cuda = trt_env
     assert verify.main([str(work_bundle), "--steps", "4", "--cuda-graphs"]) == 0
     out = capsys.readouterr().out
-    assert "image embeddings  max |d|" in out and "greedy tokens (run 2, CUDA graphs replayed)" in out
+    assert "image embeddings  max |d|" in out and "greedy tokens (run 2, 4 steps from CUDA graphs)" in out
+    assert "CUDA graphs: 4 decode steps captured, 4 of 4 replayed in run 2" in out
     assert out.rstrip().endswith("PASS")
+    if cuda is not None:  # capture failing: the backend runs on without graphs, and verify says so
+        cuda.fail_capture = True
+        assert verify.main([str(work_bundle), "--steps", "2", "--cuda-graphs"]) == 1
+        out = capsys.readouterr().out
+        assert "0 decode steps captured, 0 of 2 replayed in run 2; capture failed: cudaStreamBeginCapture failed" in out
+        assert "FAIL: beyond limits: CUDA graphs did not replay" in out
     # Impossible limits: beyond them, exit status 1.
     assert verify.main([str(work_bundle), "--steps", "2", "--atol", "0", "--atol-embeds", "0"]) == 1
     assert "FAIL: beyond limits: image embeddings, logits" in capsys.readouterr().out
+
+
+def _pair(selection):
+    return selection.backend, selection.reason
 
 
 def test_auto_selection_with_tensorrt_present(trt_env, work_bundle):
@@ -809,19 +537,201 @@ def test_auto_selection_with_tensorrt_present(trt_env, work_bundle):
 
     from omnivision_ros.export.tensorrt_build import build_engines
 
-    choice, reason = select_backend("auto", work_bundle)
+    choice, reason = _pair(select_backend("auto", work_bundle))
     assert choice == "tensorrt" and "no engines yet, they will be built from the fp16 graphs" in reason
     build_engines(work_bundle, te.EngineOptions(max_context=64), log=lambda m: None)
-    choice, reason = select_backend("tensorrt", work_bundle)
+    choice, reason = _pair(select_backend("tensorrt", work_bundle))
     assert choice == "tensorrt" and f"engines in {te.ENGINES_DIR}/trt" in reason
 
     manifest = _json.loads((work_bundle / "manifest.json").read_text())
     del manifest["variants"]["fp16"]
     (work_bundle / "manifest.json").write_text(_json.dumps(manifest))
-    choice, reason = select_backend("auto", work_bundle, precision="fp16")
+    choice, reason = _pair(select_backend("auto", work_bundle, precision="fp16"))
     assert choice == "tensorrt"  # the engines built above are still there
     import shutil
 
     shutil.rmtree(work_bundle / te.ENGINES_DIR)
-    choice, reason = select_backend("auto", work_bundle)
-    assert choice == "onnxruntime" and "the bundle has no fp16 graphs to build engines from (it has: fp32)" in reason
+    choice, reason = _pair(select_backend("auto", work_bundle))
+    assert choice == "onnxruntime" and "the bundle has no fp16 graphs to build fp16 engines from (it has: fp32)" in reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Contexts, shared memory, stream discipline and failures, on the simulated TensorRT
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    cuda = FakeCuda()
+    trt = make_fake_tensorrt(cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tenv, "_cudart", cuda)
+    return trt, cuda
+
+
+def _built(work_bundle, precision="fp16"):
+    from omnivision_ros.export.tensorrt_build import build_engines
+
+    build_engines(work_bundle, te.EngineOptions(precision=precision, max_context=256, max_prefill=64), log=lambda m: None)
+
+
+def test_one_context_per_profile_sharing_one_activation_buffer(fake, work_bundle, reference):
+    trt, cuda = fake
+    _built(work_bundle)
+    backend = open_tensorrt_backend(open_bundle(work_bundle))
+    try:
+        vision, prefill, decode = trt.contexts
+        user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        assert all(c.strategy == user_managed for c in trt.contexts)
+        assert len({c.memory for c in trt.contexts}) == 1  # one activation buffer for the three
+        assert (prefill.profile_calls, decode.profile_calls) == ([], [1])  # set once, at load
+        backend.encode_images(reference.pixels)
+        _assert_close_to_reference(reference, _teacher_forced(backend, reference))  # prefill in chunks, decode
+        assert (prefill.profile_calls, decode.profile_calls) == ([], [1])  # never switched while running
+        assert prefill.executions >= 2 and decode.executions == len(reference.tokens) and not cuda.violations
+        assert trt.loggers == 1  # one process-wide logger for the builder and the runtimes
+    finally:
+        backend.close()
+    assert cuda.mallocs == cuda.frees
+
+
+def test_shared_activation_memory_in_parallel_is_refused(fake, work_bundle):
+    trt, cuda = fake
+    _built(work_bundle)
+    backend = open_tensorrt_backend(open_bundle(work_bundle))
+    try:
+        a, b = backend.new_session(), backend.new_session()
+        for session in (a, b):  # two sessions' calls queued at once, without the synchronize between them
+            buffers = session.buffers
+            buffers.ids_host.array[:3] = buffers.positions_host.array[:3] = (0, 1, 2)
+            tb.copy_to_device(buffers.ids, buffers.ids_host.array[:3], buffers.stream)
+            tb.copy_to_device(buffers.positions, buffers.positions_host.array[:3], buffers.stream)
+            backend._bind_decoder(te.PREFILL_PROFILE, buffers, 3, 0, 0)
+            if session is a:
+                backend.decoder.execute(te.PREFILL_PROFILE, session.buffers.stream)
+        with pytest.raises(OmniVisionError, match="TensorRT execution of decoder.plan failed"):
+            backend.decoder.execute(te.PREFILL_PROFILE, b.buffers.stream)
+        assert cuda.violations
+    finally:
+        backend.close()
+
+
+def test_a_missing_synchronize_reads_stale_results(fake, work_bundle, reference):
+    _built(work_bundle)
+    backend = open_tensorrt_backend(open_bundle(work_bundle))
+    synchronize = tb.CudaStream.synchronize
+    try:
+        session = backend.new_session()
+        tb.CudaStream.synchronize = lambda self: None  # the bug the simulation must catch
+        logits = session.prefill(reference.ids[:20], reference.embeds[0])
+        assert not np.any(logits)  # the copy back never ran: the host buffer still holds zeros
+    finally:
+        tb.CudaStream.synchronize = synchronize
+        backend.close()
+
+
+def test_copies_are_checked_for_direction_and_page_locked_memory(fake):
+    device, pinned = tb.DeviceBuffer(16), tb.PinnedArray((4,), np.float32)
+    stream = tb.CudaStream()
+    try:
+        tb.copy_to_device(device, pinned.array, stream)
+        with pytest.raises(OmniVisionError, match="cudaMemcpyAsync host->device failed: cudaErrorInvalidValue"):
+            tb.copy_to_device(device, np.zeros(4, np.float32), stream)  # pageable host memory
+        with pytest.raises(OmniVisionError, match="device->host failed: cudaErrorInvalidValue"):
+            tb.copy_to_host(pinned.array, pinned.ptr, stream)  # the source is host memory
+        pinned.array[:] = 7
+        tb.copy_to_device(device, pinned.array, stream)
+        tb.copy_to_host(pinned.array, device, stream)
+        pinned.array[:] = 0  # before synchronizing: the copies have not run yet
+        stream.synchronize()
+        assert (pinned.array == 0).all()  # the first copy read the zeros written before it ran
+    finally:
+        stream.destroy()
+        device.free()
+        pinned.free()
+
+
+def test_null_constructors_become_clear_errors_and_auto_falls_back(fake, work_bundle):
+    from omnivision_ros.export.tensorrt_build import build_engines
+    from omnivision_ros.runtime.factory import open_model
+
+    trt, cuda = fake
+    trt.fail = {"Runtime"}
+    with pytest.raises(OmniVisionError, match=r"could not create its runtime \(the library returned nothing: "
+                                              r"pybind11::init\(\): factory function returned nullptr\); check"):
+        select_backend("tensorrt", work_bundle)
+    choice = select_backend("auto", work_bundle)
+    assert choice.backend == "onnxruntime" and "could not create its runtime" in choice.reason
+    assert not tenv.tensorrt_status()[0]
+
+    trt.fail = {"Builder"}
+    with pytest.raises(OmniVisionError, match="TensorRT could not create its builder"):
+        build_engines(work_bundle, te.EngineOptions(max_context=64), log=lambda m: None)
+
+    trt.fail = set()
+    _built(work_bundle)
+    trt.fail = {"create_execution_context"}
+    lines = []
+    backend, _ = open_model(str(work_bundle), "auto", log=lines.append)
+    assert backend.name == "onnxruntime"
+    assert any("TensorRT failed to open: TensorRT could not create an execution context" in line for line in lines)
+    with pytest.raises(OmniVisionError, match="could not create an execution context"):
+        open_model(str(work_bundle), "tensorrt")
+
+    trt.fail = set()
+    cuda.fail_malloc_after = cuda.mallocs + 1  # the activation buffer fits, the next allocation does not
+    lines.clear()
+    backend, _ = open_model(str(work_bundle), "auto", log=lines.append)
+    assert backend.name == "onnxruntime"
+    assert any("cudaErrorMemoryAllocation (2); the GPU is out of memory" in line for line in lines), lines
+
+    def unreachable():
+        raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+    cuda.cudaGetDeviceCount = unreachable
+    with pytest.raises(OmniVisionError, match=r"no CUDA GPU is visible \(cudaGetDeviceCount failed: Failed to dlopen"):
+        select_backend("tensorrt", work_bundle)
+
+
+def test_precision_reaches_the_engines_and_the_bundle_opens_once(fake, work_bundle, monkeypatch):
+    import omnivision_ros.model.bundle as bundle_module
+    from omnivision_ros.export.gpu_int4 import add_gpu_int4
+    from omnivision_ros.runtime.factory import open_model
+
+    trt, cuda = fake
+    add_gpu_int4(work_bundle)
+    opened = []
+    real_open = bundle_module.open_bundle
+    monkeypatch.setattr(bundle_module, "open_bundle", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    for precision, source in (("fp32", "decoder.onnx"), ("int4", "gpu-int4/decoder.onnx")):
+        opened.clear()
+        runtimes = trt.runtimes
+        backend, _ = open_model(str(work_bundle), "auto", precision=precision)
+        try:
+            assert backend.name == "tensorrt" and backend.manifest["precision"] == precision
+            assert trt.builds[-1].endswith(source) and len(opened) == 1
+            assert trt.runtimes - runtimes == 2  # the probe's, then the backend's: TensorRT probed once
+        finally:
+            backend.close()
+    lines = []  # no int8 engines: ONNX Runtime is asked for int8 (this bundle has no cpu-int8 either), saying why
+    with pytest.raises(OmniVisionError, match="has no 'int8' variant"):
+        open_model(str(work_bundle), "auto", precision="int8", log=lines.append)
+    assert lines == ["backend: onnxruntime (TensorRT not used: TensorRT engines come in fp16, fp32, int4, not int8 "
+                     "(that precision is a CPU variant))"]
+
+
+def test_int4_engines_match_onnxruntime_on_the_same_graphs(fake, work_bundle, reference):
+    from omnivision_ros.export.gpu_int4 import add_gpu_int4
+    from omnivision_ros.runtime.ort_backend import OrtBackend
+
+    add_gpu_int4(work_bundle)
+    bundle = open_bundle(work_bundle)
+    ref = OrtBackend(bundle, precision="gpu-int4", device="cpu")
+    session = ref.new_session()
+    want = [session.prefill(reference.ids, reference.embeds[0])] + [session.step(t) for t in reference.tokens]
+    _built(work_bundle, "int4")
+    backend = open_tensorrt_backend(bundle, "int4")
+    try:
+        got = _teacher_forced(backend, reference)
+        assert all(_cos(a, b) >= 0.999 for a, b in zip(want, got))
+    finally:
+        backend.close()

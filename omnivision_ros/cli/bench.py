@@ -8,9 +8,16 @@ the same image + prompt:
 - llama-*:     llama.cpp (llama-cpp-python) on the language-model GGUF at F16, Q8_0 and Q4_0: decoder only
                (it cannot load this mmproj), prefill of the same token ids (the 81 image positions replaced
                by <|image_pad|> ids) and greedy decoding of a fixed number of tokens;
-- ort-<v>:     the ONNX Runtime pipeline on bundle variant v (fp32, int8 = cpu-int8, int4 = cpu-int4):
-               vision encode, prefill, time to first token from the image, decode rate, and the time to
-               first token of a second question about the same frame (embedding + prefix-KV reuse).
+- ort-<v>:     the ONNX Runtime pipeline on bundle variant v (fp32, int8 = cpu-int8, int4 = cpu-int4, gpu-int4 =
+               the TensorRT INT4 weight-only graphs run on the CPU, for their accuracy): vision encode, prefill,
+               time to first token from the image, decode rate, and the time to first token of a second
+               question about the same frame (embedding + prefix-KV reuse);
+- ort-ggml-q4_0: the fp32 graphs with the decoder's weights rounded through ggml's Q4_0 (gguf-py's
+               quantizer, llama.cpp's format: blocks of 32, the tied embedding Q8_0 as llama.cpp's quantizer
+               keeps it for this model): Q4_0's weight error on the same weights, through our own model, for
+               the accuracy comparison where llama.cpp is not installed. It does not capture llama.cpp's
+               quantization of activations to Q8_0 in its Q4_0 dot products, so it flatters Q4_0 a little;
+               its speed is fp32's and means nothing.
 
 Each system runs in its own subprocess (peak RSS is per system: VmHWM), once to warm up and then --runs
 times; medians are reported. Stop tokens are disabled so every system decodes --new-tokens tokens.
@@ -39,10 +46,11 @@ PRESET = "omnivision-968m"
 LM_F16 = "Nano-Vlm-Processor-494M-F16.gguf"
 LM_Q8_0 = "Nano-Vlm-Processor-494M-Q8_0.gguf"
 LM_Q4_0 = "Nano-Vlm-Processor-494M-Q4_0.gguf"
-VARIANTS = ("fp32", "int8", "int4")  # precisions (model/variants.py) of the ONNX Runtime systems
+VARIANTS = ("fp32", "int8", "int4", "gpu-int4", "ggml-q4_0")  # ONNX Runtime systems: precisions or variant names
+GGML_Q4_0 = "ggml-q4_0"  # a bench-only variant: the fp32 graphs with Q4_0-rounded decoder weights
 LLAMA_FILES = {"llama-f16": ("gguf-f16", LM_F16), "llama-q8_0": ("gguf-q8_0", LM_Q8_0), "llama-q4_0": ("", LM_Q4_0)}
 # ONNX Runtime variant -> llama.cpp at matched weight precision
-MATCHED = {"fp32": "llama-f16", "int8": "llama-q8_0", "int4": "llama-q4_0"}
+MATCHED = {"fp32": "llama-f16", "int8": "llama-q8_0", "int4": "llama-q4_0", "gpu-int4": "llama-q4_0"}
 RESULT_TAG = "BENCH_RESULT "
 QUESTION = "What do you see in this picture? Describe the scene."
 QUESTION2 = "Is there a person in the picture?"
@@ -91,15 +99,23 @@ def prepare(work: Path, preset: str, seed: int, variants: list[str], llama: bool
         _run_step(["omnivision_ros.export.make_test_model", "--preset", preset, "--out", str(f16), "--dtype", "f16",
                    "--seed", str(seed)], "writing the F16 GGUF files")
     bundle = work / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        _run_step(["omnivision_ros.export.cli", "--model", str(f16), "--out", str(bundle), "--force"],
-                  "exporting the bundle from the F16 GGUF files")
-    kinds = [v for v in variants if v != "fp32"]
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest_path = bundle / "manifest.json"
+    gpu = "gpu-int4" in variants
+    if not manifest_path.is_file() or (gpu and "fp16" not in json.loads(manifest_path.read_text())["variants"]):
+        _run_step(["omnivision_ros.export.cli", "--model", str(f16), "--out", str(bundle), "--force",
+                   *(["--fp16"] if gpu else [])], "exporting the bundle from the F16 GGUF files")
+    kinds = [v for v in variants if v in ("int8", "int4")]
+    manifest = json.loads(manifest_path.read_text())
     missing = [k for k in kinds if variant_spec(k).name not in manifest["variants"]]
     if missing:
         _run_step(["omnivision_ros.export.cli", "--model", str(bundle), "--out", str(bundle),
                    "--cpu-variants", ",".join(missing)], f"deriving the CPU variants {', '.join(missing)}")
+    if gpu and "gpu-int4" not in manifest["variants"]:
+        _run_step(["omnivision_ros.export.cli", "--model", str(bundle), "--out", str(bundle), "--gpu-int4"],
+                  "deriving the gpu-int4 variant")
+    if GGML_Q4_0 in variants and GGML_Q4_0 not in json.loads(manifest_path.read_text())["variants"]:
+        _run_step(["omnivision_ros.cli.bench", "--work", str(work), "--worker", "make-" + GGML_Q4_0],
+                  "rounding the decoder weights through ggml Q4_0")
     if not llama:
         return
     if not (work / "gguf-q8_0" / LM_Q8_0).is_file():
@@ -124,6 +140,47 @@ def quantize_q4_0(work: Path) -> None:
     if status != 0:
         raise OmniVisionError(f"llama_model_quantize returned {status}")
     os.replace(tmp, work / LM_Q4_0)
+
+
+def ggml_roundtrip_decoder(fp32_decoder: Path, out: Path, body: str = "Q4_0", head: str = "Q8_0") -> None:
+    """Write the fp32 decoder graph with its matrices rounded through ggml's `body` type and the tied
+    embedding through `head` (gguf-py's quantizers: llama.cpp's formats, blocks along the input channels)."""
+    import onnx
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from onnx import numpy_helper
+
+    def roundtrip(rows: np.ndarray, kind: str) -> np.ndarray:  # rows [N, K]: blocks run along K, as in GGUF
+        qtype = GGMLQuantizationType[kind]
+        return dequantize(quantize(np.ascontiguousarray(rows, np.float32), qtype), qtype).astype(np.float32)
+
+    model = onnx.load(str(fp32_decoder))
+    inits = {t.name: t for t in model.graph.initializer}
+    matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    for name in matmul_weights:
+        w = numpy_helper.to_array(inits[name])  # [K, N]
+        inits[name].CopyFrom(numpy_helper.from_array(roundtrip(w.T, body).T, name))
+    inits["embed"].CopyFrom(numpy_helper.from_array(roundtrip(numpy_helper.to_array(inits["embed"]), head), "embed"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=1024)
+
+
+def add_ggml_q4_0_variant(bundle_path: Path) -> None:
+    """Register the Q4_0-rounded fp32 graphs as the bench-only variant ggml-q4_0 (vision: the fp32 graph)."""
+    from omnivision_ros.export import manifest as mf
+    from omnivision_ros.model.bundle import open_bundle
+    from omnivision_ros.model.variants import VariantSpec
+
+    bundle = open_bundle(bundle_path)
+    spec = VariantSpec(GGML_Q4_0, GGML_Q4_0, io="fp32", exported=False, cpu_only=False)
+    ggml_roundtrip_decoder(bundle.variant("fp32").decoder, bundle_path / spec.folder / "decoder.onnx")
+    manifest = mf.read_manifest(bundle_path)
+    entry = mf.variant_entry(bundle_path, spec, graphs={"vision": bundle.manifest["variants"]["fp32"]["vision"]},
+                             derived_from="fp32", description="fp32 graphs, decoder weights rounded through "
+                             "ggml Q4_0 (tied embedding Q8_0): an accuracy reference")
+    manifest["variants"][GGML_Q4_0] = entry
+    mf.commit(bundle_path, manifest, [entry["decoder"], entry["decoder"] + ".data"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +277,9 @@ def worker(args: argparse.Namespace) -> int:
     work = Path(args.work)
     if args.worker == "quantize-q4_0":
         quantize_q4_0(work)
+        return 0
+    if args.worker == "make-" + GGML_Q4_0:
+        add_ggml_q4_0_variant(work / "bundle")
         return 0
     from omnivision_ros.model.preprocess import load_image
 
@@ -390,9 +450,14 @@ def targets(med: dict, ratios: dict, accuracy: dict) -> list[dict]:
         worst = min(fp32["encode_speedup"], fp32["prefill_speedup"], fp32["decode_speedup"], 1 / fp32["ttft_ratio"])
         check("ort-fp32 faster than torch (worst of encode/prefill/TTFT/decode speedups)", worst, 1.0, worst > 1.0)
     for name, a in accuracy.items():
-        if name.startswith("ort-"):
+        if name.startswith("ort-") and GGML_Q4_0 not in name:
             v = min(a["embeds_cosine"], a["logits_cosine"])
             check(f"{name.split()[0]} cosine (min of embeds, logits) >= 0.99", v, 0.99, v >= 0.99)
+    gpu = accuracy.get("ort-gpu-int4 vs ort-fp32", {}).get("logits_cosine")
+    for reference in (f"ort-{GGML_Q4_0} vs ort-fp32", "llama-q4_0 vs llama-f16"):
+        ref = accuracy.get(reference, {}).get("logits_cosine")
+        if gpu is not None and ref is not None:
+            check(f"gpu-int4 logits cosine >= {reference}'s ({ref:.5f})", gpu, round(ref, 5), gpu >= ref)
     v = ratios.get("ort-fp32", {}).get("peak_rss_over_weights")
     check("ort-fp32 peak RSS <= 1.3x fp32 weight bytes", v, 1.3, v is not None and v <= 1.3)
     return out
@@ -454,8 +519,8 @@ def run(args: argparse.Namespace) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     systems = [] if "torch" in skip else ["torch"]
     for v in variants:  # each ONNX Runtime variant right after llama.cpp at its precision: same load conditions
-        llama = MATCHED[v]
-        if not ({"llama", llama} & skip) and llama not in systems:
+        llama = MATCHED.get(v)
+        if llama and not ({"llama", llama} & skip) and llama not in systems:
             systems.append(llama)
         systems.append("ort-" + v)
     if importlib.util.find_spec("llama_cpp") is None:  # optional: the benchmark extra

@@ -14,6 +14,13 @@ embeddings and <= 0.5 for logits. A token may differ only where the reference's 
 closer than the logits limit (a near tie fp16 rounding can flip). fp32 engines: cosine >= 0.99999,
 max |d| <= 0.01 (TensorRT may use TF32 matmuls on Ampere and later GPUs).
 
+int4 engines (the gpu-int4 variant) are compared with ONNX Runtime running the same gpu-int4 graphs (their
+quantization error is the bundle's, measured by omnivision-bench; this checks TensorRT's arithmetic), with
+the fp16 limits.
+
+--cuda-graphs runs the decode steps twice with capture on; the report says how many steps were captured and
+replayed, and a second run that replayed nothing (capture failed, or was not reached) is a failure.
+
 Exit status: 0 within limits, 1 beyond them, 2 on errors (including TensorRT being absent).
 """
 from __future__ import annotations
@@ -31,7 +38,9 @@ from omnivision_ros.model.variants import TENSORRT_PRECISIONS
 LIMITS = {  # TensorRT precision -> (embeds max |d|, logits max |d|, min cosine)
     "fp16": (0.25, 0.5, 0.999),
     "fp32": (0.01, 0.01, 0.99999),
+    "int4": (0.25, 0.5, 0.999),
 }
+REFERENCE_VARIANT = {"fp16": "fp32", "fp32": "fp32", "int4": "gpu-int4"}  # what ONNX Runtime runs as the reference
 DEFAULT_QUESTION = "Describe this image."
 
 
@@ -78,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def reference_run(bundle, pixels: np.ndarray, ids: np.ndarray, steps: int):
-    """ONNX Runtime fp32 on the CPU: image embeddings, prefill logits, greedy tokens and their logits."""
+def reference_run(bundle, pixels: np.ndarray, ids: np.ndarray, steps: int, variant: str = "fp32"):
+    """ONNX Runtime on the CPU (fp32 graphs, or `variant`): image embeddings, prefill logits, greedy tokens and
+    their logits."""
     from omnivision_ros.runtime.ort_backend import OrtBackend
 
-    backend = OrtBackend(bundle, precision="fp32", device="cpu")
+    backend = OrtBackend(bundle, precision=variant, device="cpu")
     try:
         embeds = backend.encode_images(pixels)[0]
         session = backend.new_session()
@@ -114,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from omnivision_ros.model.prompt import PromptBuilder
     from omnivision_ros.model.tokenizer import TextTokenizer
     from omnivision_ros.model.bundle import open_bundle
-    from omnivision_ros.runtime.tensorrt_backend import open_tensorrt, tensorrt_status
+    from omnivision_ros.runtime.factory import open_tensorrt_backend
+    from omnivision_ros.runtime.trt_env import tensorrt_status
 
     ok, detail = tensorrt_status()
     if not ok:
@@ -134,25 +145,37 @@ def run(args: argparse.Namespace) -> int:
     print(f"{detail}; bundle {args.bundle}; image {image_path}; {len(ids)} prompt tokens, {args.steps} steps")
 
     # The reference first, then released: an 8 GB Jetson need not hold fp32 ORT and the engines at once.
-    ref_embeds, ref_logits, ref_tokens = reference_run(bundle, pixels, ids, args.steps)
-    backend = open_tensorrt(args.bundle, args.precision, build=not args.no_build, cuda_graphs=args.cuda_graphs,
-                            log=lambda message: print(message, file=sys.stderr))
+    reference = REFERENCE_VARIANT[args.precision]
+    ref_embeds, ref_logits, ref_tokens = reference_run(bundle, pixels, ids, args.steps, reference)
+    print(f"reference: ONNX Runtime on the CPU, {reference} graphs")
+    backend = open_tensorrt_backend(bundle, args.precision, build=not args.no_build, cuda_graphs=args.cuda_graphs,
+                                    log=lambda message: print(message, file=sys.stderr))
+    replayed_in_run2 = 0
     try:
         print(f"TensorRT backend: {backend.description}")
         trt_embeds = backend.encode_images(pixels)[0]
         runs = [tensorrt_run(backend, ref_embeds, ids, ref_tokens)]
         if args.cuda_graphs:
+            before = backend.graph_stats.replayed
             runs.append(tensorrt_run(backend, ref_embeds, ids, ref_tokens))  # replays the graphs captured above
+            replayed_in_run2 = backend.graph_stats.replayed - before
+        stats = backend.graph_stats
     finally:
         backend.close()
 
     failures = []
+    if args.cuda_graphs:
+        print(f"CUDA graphs: {stats.captured} decode steps captured, {replayed_in_run2} of {len(ref_tokens)} "
+              f"replayed in run 2" + (f"; capture failed: {stats.failure}" if stats.failure else ""))
+        if replayed_in_run2 == 0:
+            failures.append("CUDA graphs did not replay")
     embeds_diff = Diff.of(ref_embeds, trt_embeds)
     print(f"image embeddings  {embeds_diff.text()}  (limits: max |d| {atol_embeds}, cosine >= {min_cosine})")
     if not embeds_diff.within(atol_embeds, min_cosine):
         failures.append("image embeddings")
     for number, trt_logits in enumerate(runs, 1):
-        label = "" if len(runs) == 1 else f" (run {number}{', CUDA graphs replayed' if number > 1 else ''})"
+        replayed = f", {replayed_in_run2} steps from CUDA graphs" if number > 1 else ""
+        label = "" if len(runs) == 1 else f" (run {number}{replayed})"
         prefill = Diff.of(ref_logits[0], trt_logits[0])
         steps = [Diff.of(r, t) for r, t in zip(ref_logits[1:], trt_logits[1:])]
         worst = max(steps, key=lambda d: d.max_abs)

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"also build CPU-optimized variants, comma-separated: {', '.join(CPU_VARIANTS)} (int8 is the CPU default "
         "when present); written to cpu-int8/, cpu-int4/. With --model BUNDLE --out BUNDLE (the same path) they "
         "are added to an existing bundle, from its fp32 graphs"))
+    parser.add_argument("--gpu-int4", action="store_true", help=(
+        "also derive the INT4 weight-only decoder for TensorRT (gpu-int4/, from the fp16 graphs; implies --fp16). "
+        "With --model BUNDLE --out BUNDLE it is added to an existing bundle that has fp16 graphs"))
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     parser.add_argument("--tensorrt", action="store_true",
@@ -76,26 +79,40 @@ def add_cpu_variants(bundle: Path, kinds: list[str], args: argparse.Namespace, m
     print(f"CPU variants in {bundle}: {done} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
 
+def add_gpu_int4(bundle: Path, args: argparse.Namespace) -> None:
+    from omnivision_ros.export.gpu_int4 import add_gpu_int4 as add
+
+    t0 = time.perf_counter()
+    written = add(bundle, force=args.force)
+    done = "gpu-int4" if written else "none (already present; --force rebuilds it)"
+    print(f"GPU INT4 variant in {bundle}: {done} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from omnivision_ros.export.bundle import export_bundle
     from omnivision_ros.model.bundle import MANIFEST
 
     kinds = cpu_variant_kinds(args.cpu_variants)
-    if (Path(args.model) / MANIFEST).is_file():  # an existing bundle: only CPU variants can be added to it
-        if not kinds or Path(args.out).resolve() != Path(args.model).resolve():
-            raise OmniVisionError(f"--model {args.model} is a bundle; to add CPU variants to it pass "
-                                  f"--out {args.model} --cpu-variants int8[,int4]")
-        add_cpu_variants(Path(args.out), kinds, args)
+    if (Path(args.model) / MANIFEST).is_file():  # an existing bundle: only derived variants can be added to it
+        if not (kinds or args.gpu_int4) or Path(args.out).resolve() != Path(args.model).resolve():
+            raise OmniVisionError(f"--model {args.model} is a bundle; to add variants to it pass "
+                                  f"--out {args.model} --cpu-variants int8[,int4] and/or --gpu-int4")
+        if kinds:
+            add_cpu_variants(Path(args.out), kinds, args)
+        if args.gpu_int4:
+            add_gpu_int4(Path(args.out), args)
         return 0
     t0 = time.perf_counter()
     model, tokenizer, source = load_source(args.model, args.seed)
-    precisions = ("fp32", "fp16") if args.fp16 else ("fp32",)
+    precisions = ("fp32", "fp16") if args.fp16 or args.gpu_int4 else ("fp32",)
     out = export_bundle(model, tokenizer, args.out, precisions, source=source, force=args.force,
                         progress=not args.no_progress)
     print(f"wrote {out} ({', '.join(precisions)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if kinds:
         add_cpu_variants(out, kinds, args, model)  # from the model in memory: no need to read the graphs back
     del model  # the engine builder works from the files
+    if args.gpu_int4:
+        add_gpu_int4(out, args)
     if args.tensorrt:
         build_tensorrt(out)
     return 0

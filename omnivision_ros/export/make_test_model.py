@@ -207,6 +207,30 @@ def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny
     return lm_path, mmproj_path
 
 
+def add_massive_activations(model, channel: int = 0, per_layer: float = 4e4, bias: float = 20.0) -> None:
+    """Give a random model's decoder the "massive activations" of real Qwen2 checkpoints: one residual channel
+    that every layer pushes further, far beyond float16's 65504 after a few layers, while each single
+    tensor other than the residual stream stays inside float16's range (as in the released models, where
+    the norms read the huge channel and the matmuls see normalized inputs).
+
+    How: each layer's value bias is set to `bias` in every channel, so its attention output is close to
+    that constant vector whatever the attention weights (they sum to one); the output projection's row
+    `channel` is set to map that vector to `per_layer`. The final norm scales the massive channel down to
+    1e-3 (trained models learn that) and the others up, so the logits depend on the ordinary channels.
+    """
+    import torch
+
+    lm = model.language_model
+    with torch.no_grad():
+        for block in lm.blocks:
+            v = block.qkv.part("v")
+            block.qkv.bias[v] = bias
+            width = block.o.weight.shape[1]  # heads * head_dim: the attention output
+            block.o.weight[channel] = per_layer / (bias * width)
+        lm.norm.weight.mul_(50.0)
+        lm.norm.weight[channel] = 1e-3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnivision-make-test-model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))

@@ -61,11 +61,12 @@ def graph_io(path: Path) -> dict:
     return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
 
 
-def variant_entry(root: Path, spec: VariantSpec, **details) -> dict:
-    """The manifest entry of a variant whose graphs are already in `root`/spec.folder."""
+def variant_entry(root: Path, spec: VariantSpec, graphs: dict[str, str] | None = None, **details) -> dict:
+    """The manifest entry of a variant whose graphs are already in `root`/spec.folder; `graphs` names a
+    graph another variant holds instead ({"vision": "fp16/vision.onnx"}: shared, not copied)."""
     entry = {"precision": spec.io}
     for graph in GRAPHS:
-        entry[graph] = f"{spec.folder}{graph}.onnx"
+        entry[graph] = (graphs or {}).get(graph, f"{spec.folder}{graph}.onnx")
     entry["data"] = [entry[graph] + ".data" for graph in GRAPHS]
     if spec.quantization is not None:
         entry["quantization"] = dataclasses.asdict(spec.quantization)  # what was built, not a second copy of it

@@ -30,6 +30,7 @@ from torch import nn
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.bundle import (
+    CONTROL_FLOW_OPS,
     OPSET,
     OPSET_RANGE,
     VISION_INPUTS,
@@ -40,8 +41,6 @@ from omnivision_ros.model.bundle import (
 from omnivision_ros.model.config import OmniVisionConfig
 from omnivision_ros.model.variants import IO_DTYPES, variant_spec
 from omnivision_ros.model.vision_language_model import OmniVisionModel
-
-CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 
 
 def torch_dtype(precision: str) -> torch.dtype:

@@ -7,6 +7,9 @@ explicit optimization profiles, and writes them to engines/<key>/ with an engine
 they were built from. A matching engine is reused; a mismatched one is rebuilt, with a log line
 saying why. Tactic timings persist in engines/timing-*.cache, so rebuilds are faster.
 
+Precision int4 builds from the bundle's gpu-int4 variant (weight-only INT4 decoder matrices through
+DequantizeLinear, export/gpu_int4.py) and its fp16 vision graph.
+
 `split_lm_head` is the Orin Nano option (DESIGN §3): the default CMA pool can fail to allocate the
 fused 151936 x 896 lm_head weight, so the decoder is built from a copy whose lm_head MatMul is split
 along the vocabulary into N MatMuls joined by a Concat (same logits, N smaller weights).
@@ -23,8 +26,9 @@ from typing import Callable
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError
-from omnivision_ros.model.variants import TENSORRT_PRECISIONS
+from omnivision_ros.model.variants import TENSORRT_PRECISIONS, tensorrt_variant
 from omnivision_ros.runtime import trt_engines as te
+from omnivision_ros.runtime import trt_env
 
 # Ops between the lm_head matmul and the `logits` output that only cast or reshape.
 _PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
@@ -181,11 +185,18 @@ def build_engine(
     label: str,
     verbose: bool = False,
 ):
-    """Parse one ONNX graph and build a serialized engine (IHostMemory) with the given profiles."""
-    logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
+    """Parse one ONNX graph and build a serialized engine (IHostMemory) with the given profiles.
+
+    Strongly typed: every tensor keeps the ONNX graph's type (fp32 residual stream and attention scores,
+    fp16 matmuls; INT4 weights dequantized into fp16 GEMMs for gpu-int4)."""
+    try:  # the one process-wide logger: raise or lower its level for this build
+        trt_env.logger(trt).min_severity = trt.Logger.INFO if verbose else trt.Logger.WARNING
+    except AttributeError:
+        pass  # a Logger without a settable level: keep WARNING
+    builder = trt_env.create_builder(trt)
+    network = trt_env.checked("a network definition",
+                              builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+    parser = trt_env.create_parser(trt, network)
     if not parser.parse_from_file(str(onnx_path)):  # from the file so its external weights resolve
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise OmniVisionError(f"TensorRT could not parse {onnx_path}: {errors or 'no details'}")
@@ -199,7 +210,7 @@ def build_engine(
                 f"(not in graph: {sorted(unknown)[:4]}, no profile: {sorted(missing)[:4]})"
             )
 
-    config = builder.create_builder_config()
+    config = trt_env.checked("a builder config", builder.create_builder_config())
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     try:
@@ -211,7 +222,7 @@ def build_engine(
             log(f"{label}: {timing_cache.name} is unreadable or from another TensorRT/GPU; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     for shapes in profiles:
-        profile = builder.create_optimization_profile()
+        profile = trt_env.checked("an optimization profile", builder.create_optimization_profile())
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
@@ -237,29 +248,31 @@ def build_engine(
 
 
 def build_engines(
-    bundle_path: str | Path,
+    bundle,
     options: te.EngineOptions | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
     verbose: bool = False,
+    probe: trt_env.TensorRTProbe | None = None,
 ) -> Path:
-    """Build (or reuse) the engines of a bundle for this TensorRT and GPU; returns the engine folder.
+    """Build (or reuse) the engines of a bundle (an opened Bundle or its path) for this TensorRT and GPU;
+    returns the engine folder. `probe`: the caller's TensorRTProbe, so TensorRT is probed once.
 
     options=None: defaults, from the fp16 graphs when the bundle has them, else fp32.
     """
     from omnivision_ros.model.bundle import open_bundle
-    from omnivision_ros.runtime.tensorrt_backend import engine_target, gpu_info, import_tensorrt, variant_sources
 
-    trt = import_tensorrt()
-    gpu = gpu_info()
-    bundle = open_bundle(bundle_path)
+    trt = trt_env.import_tensorrt()
+    probe = probe or trt_env.probe_tensorrt()
+    gpu = probe.gpu
+    bundle = bundle if hasattr(bundle, "manifest") else open_bundle(bundle)
     config = bundle.config
     if options is None:
         options = te.EngineOptions(precision="fp16" if "fp16" in bundle.variants else "fp32")
     options = options.resolved(config)
-    target = engine_target(bundle, options.precision)
-    variant = bundle.variant(options.precision)
-    root = Path(bundle_path) / te.ENGINES_DIR
+    target = te.engine_target(bundle, options.precision, probe.version, gpu.compute_capability)
+    variant = bundle.variant(tensorrt_variant(options.precision))
+    root = Path(bundle.path) / te.ENGINES_DIR
     folder = root / target.key
     decision = te.decide(root, target, options)
     if decision.reuse and not force:
@@ -297,7 +310,7 @@ def build_engines(
             seconds[graph] = time.monotonic() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    manifest = te.new_manifest(target, options, gpu.name, variant_sources(bundle, options.precision), profiles,
+    manifest = te.new_manifest(target, options, gpu.name, te.variant_sources(bundle, options.precision), profiles,
                                engine_files, seconds)
     te.write_manifest(folder, manifest)
     log(f"engines written to {folder}")
@@ -315,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the TensorRT engines of a model bundle on this device (reuses matching ones).",
     )
     parser.add_argument("bundle", help="model bundle directory (from omnivision-export)")
-    parser.add_argument("--precision", default=d.precision, choices=TENSORRT_PRECISIONS, help="graphs to build from (default: fp16)")
+    parser.add_argument("--precision", default=d.precision, choices=TENSORRT_PRECISIONS,
+                        help="graphs to build from: fp16 (default), fp32, or int4 (the gpu-int4 weight-only INT4 decoder)")
     parser.add_argument("--max-cameras", type=int, default=d.max_cameras,
                         help=f"frames per vision call (default: {d.max_cameras})")
     parser.add_argument("--max-context", type=int, default=None, help="tokens per conversation (default: the model's context)")

@@ -45,6 +45,7 @@ VERIFY_MODES = ("auto", "full", "sizes")
 OPSET = 17  # standard-op graphs
 OPSET_RANGE = (17, 19)  # what TensorRT 10.3 (JetPack 6) parses
 ONNX_IR_VERSION = 10  # written into built graphs: onnx 1.23 writes IR 14 by default, onnxruntime 1.31 reads up to 13
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")  # never in a graph: TensorRT and the CPU variants want straight-line graphs
 VISION_INPUTS = ("pixel_values",)  # [batch, 3, S, S]
 VISION_OUTPUTS = ("image_embeds",)  # [batch, mp_tokens, lm_hidden]
 

@@ -5,6 +5,13 @@ and the KV cache passed in and out as tensors.
 table, positions and the past K/V of every layer in; float32 logits of the last position and the present
 K/V out. One call serves prefill (many tokens, empty past) and decode (one token, long past). Ids >= lm_vocab
 select row (id - lm_vocab) of the image table instead of a token embedding (TensorRT-LLM's prompt table).
+
+float16 safety (the GPU graphs): whatever the weights' dtype, the residual stream, the norms' statistics,
+the attention scores (Q.K^T and softmax) and the logits are float32; only the matmul inputs, the weights and
+the KV cache take the model's dtype. Qwen2-family checkpoints carry "massive activations" in a few residual
+channels, and float16 tops out at 65504: a float16 residual add or Q.K^T overflows to inf and the next norm
+turns it into NaN (QwenLM/Qwen2 issues 761, 868, 826; llama.cpp PR 8412 moved Qwen2's Q.K^T to float32 for
+the same reason). In a float32 model every cast below is a no-op and leaves no node in the graph.
 """
 from __future__ import annotations
 
@@ -54,23 +61,24 @@ class DecoderBlock(nn.Module):
         self.head_dim = hd
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
-        """x [B, T, H]; cos/sin [B, T, hd]; mask [T, S] fp32; past [B, kv, P, hd] -> x, present K, V [B, kv, S, hd]."""
+        """x [B, T, H] fp32 (the residual stream); cos/sin [B, T, hd]; mask [T, S] fp32; past [B, kv, P, hd]
+        -> x, present K, V [B, kv, S, hd] in the weights' dtype."""
         b, t = x.shape[0], x.shape[1]
         kv, g, hd = self.kv, self.group, self.head_dim
-        q, k, v = self.qkv(self.input_norm(x)).split(self.qkv.split_sizes(), dim=-1)
+        q, k, v = self.qkv(self.input_norm(x)).split(self.qkv.split_sizes(), dim=-1)  # weights' dtype
         # Query head j*g + i attends with KV head j: group queries by KV head instead of repeating K/V.
         q = rotate(q.reshape(b, t, kv, g, hd), cos[:, :, None, None], sin[:, :, None, None], hd // 2) * hd ** -0.5
         k = rotate(k.reshape(b, t, kv, hd), cos[:, :, None], sin[:, :, None], hd // 2)
         q = q.permute(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)  # [B, kv, g*T, hd]
         k = torch.cat([past_k, k.transpose(1, 2)], dim=2)  # [B, kv, S, hd]
         v = torch.cat([past_v, v.reshape(b, t, kv, hd).transpose(1, 2)], dim=2)
-        scores = torch.matmul(q, k.transpose(2, 3)).reshape(b, kv, g, t, -1)  # [B, kv, g, T, S]
-        scores = cast(scores, torch.float32) + mask  # softmax in fp32
-        probs = cast(torch.softmax(scores, dim=-1), x.dtype).reshape(b, kv, g * t, -1)
+        # Scores and softmax in fp32: Q.K^T is where fp16 Qwen2 overflows first. [B, kv, g, T, S]
+        scores = torch.matmul(cast(q, torch.float32), cast(k, torch.float32).transpose(2, 3)).reshape(b, kv, g, t, -1)
+        probs = cast(torch.softmax(scores + mask, dim=-1), v.dtype).reshape(b, kv, g * t, -1)
         attn = torch.matmul(probs, v).reshape(b, kv, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, kv * g * hd)
-        x = x + self.o(attn)
+        x = x + cast(self.o(attn), x.dtype)  # residual adds in fp32
         gate, up = self.gate_up(self.post_norm(x)).split(self.gate_up.split_sizes(), dim=-1)
-        return x + self.down(F.silu(gate) * up), k, v
+        return x + cast(self.down(F.silu(gate) * up), x.dtype), k, v
 
 
 class LanguageModel(nn.Module):
@@ -107,12 +115,12 @@ class LanguageModel(nn.Module):
         mask = torch.where(key_pos[None, :] > query_pos[:, None], MASK_VALUE, 0.0)  # [T, S] fp32
         cos = F.embedding(position_ids, self.cos)  # [B, T, hd]
         sin = F.embedding(position_ids, self.sin)
-        x = self.embed_ids(input_ids, image_embeds)
+        x = cast(self.embed_ids(input_ids, image_embeds), torch.float32)  # the residual stream: fp32 [B, T, H]
         present = []
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
             present += [k, v]
-        last = self.norm(x[:, -1])  # [B, H]: only the last position needs logits
+        last = self.norm(x[:, -1])  # [B, H] in the weights' dtype: only the last position needs logits
         head = self.embed if self.lm_head is None else self.lm_head
         # Gemm with transB over the table itself: MatMul(x, W^T) would make constant folding write a
         # transposed second copy of the 151936 x 896 table into the graph.

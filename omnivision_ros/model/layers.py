@@ -48,7 +48,10 @@ class LayerNorm32(nn.LayerNorm):
 
 
 class RMSNorm(nn.Module):
-    """Qwen2's RMSNorm: statistics in float32, the scale applied in the activation dtype (as transformers does)."""
+    """Qwen2's RMSNorm: statistics in float32, the scale applied in the weight's dtype (as transformers does).
+
+    The output takes the weight's dtype, not the input's: in a float16 model the residual stream it
+    reads is float32 (see language_model.py) and what it feeds, a matmul, is float16."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -58,4 +61,4 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = cast(x, torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * cast(h, x.dtype)
+        return self.weight * cast(h, self.weight.dtype)

@@ -81,7 +81,11 @@ def _require_torch(what: str) -> None:
 def _open_bundle(
     path: Path, backend: str, threads: int | None, precision: str | None, log: Callable[[str], None] | None
 ) -> tuple[Backend, TextTokenizer]:
-    """An exported bundle: TensorRT where it can run (auto, tensorrt), else ONNX Runtime; never torch."""
+    """An exported bundle: TensorRT where it can run (auto, tensorrt), else ONNX Runtime; never torch.
+
+    The bundle is opened once, and TensorRT and the GPU probed once, whatever is chosen. Under `auto`, TensorRT
+    failing to open (an engine build or load failing, out of GPU memory) falls back to ONNX Runtime, saying why;
+    an explicit `tensorrt` raises the OmniVisionError instead."""
     if backend == "torch":
         raise OmniVisionError(
             f"{path} is an exported bundle (ONNX graphs); the torch backend runs presets and GGUF folders only. "
@@ -92,11 +96,41 @@ def _open_bundle(
 
     bundle = open_bundle(path)  # verifies the manifest, config and tokenizer before anything is loaded
     tokenizer = TextTokenizer.from_file(bundle.tokenizer_path)
-    choice, _ = select_backend(backend, path, log)  # logs the choice and why
-    if choice == "tensorrt":
-        from omnivision_ros.runtime.tensorrt_backend import open_tensorrt
-
-        return open_tensorrt(path, precision=precision or "fp16", log=log), tokenizer
+    selection = select_backend(backend, bundle, log, precision)  # logs the choice and why
+    if selection.backend == "tensorrt":
+        try:
+            return open_tensorrt_backend(bundle, precision or "fp16", probe=selection.probe, log=log), tokenizer
+        except OmniVisionError as exc:
+            if backend != "auto":
+                raise
+            if log is not None:
+                log(f"backend: onnxruntime (TensorRT failed to open: {exc})")
     from omnivision_ros.runtime.ort_backend import OrtBackend
 
     return OrtBackend(bundle, precision=precision, threads=threads), tokenizer
+
+
+def open_tensorrt_backend(bundle, precision: str = "fp16", probe=None, build: bool = True, cuda_graphs: bool = False,
+                          options=None, log: Callable[[str], None] | None = None):
+    """The TensorRT backend for an opened bundle: its matching engines, built first when they are missing or
+    stale and `build` (the one place outside `omnivision-build-engines` that decides to build; it takes
+    minutes on a Jetson). options=None accepts engines built with any options (as `omnivision-build-engines`
+    left them); given options are what a build uses and what an existing engine must match."""
+    from omnivision_ros.runtime import trt_engines as te
+    from omnivision_ros.runtime.tensorrt_backend import open_tensorrt
+    from omnivision_ros.runtime.trt_env import probe_tensorrt
+
+    probe = probe or probe_tensorrt()
+    precision = options.precision if options is not None else precision
+    target = te.engine_target(bundle, precision, probe.version, probe.gpu.compute_capability)
+    wanted = options.resolved(bundle.config) if options is not None else None
+    decision = te.decide(Path(bundle.path) / te.ENGINES_DIR, target, wanted)
+    if not decision.reuse:
+        if not build:
+            raise OmniVisionError(f"no usable TensorRT engines: {decision.reason}; "
+                                  f"run `omnivision-build-engines {bundle.path} --precision {precision}`")
+        from omnivision_ros.export.tensorrt_build import build_engines
+
+        build_engines(bundle, wanted or te.EngineOptions(precision=precision), log=log or (lambda m: None),
+                      probe=probe)  # logs the decision
+    return open_tensorrt(bundle, precision, cuda_graphs=cuda_graphs, log=log, probe=probe)

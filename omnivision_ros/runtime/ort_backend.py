@@ -20,6 +20,10 @@ from omnivision_ros.model.bundle import (
 from omnivision_ros.model.variants import IO_DTYPES, VARIANTS, default_variant, variant_spec
 from omnivision_ros.runtime.backend import Backend, DecoderSession
 
+# ONNX Runtime fuses DequantizeLinear + MatMul (the gpu-int4 graphs) into MatMulNBits and by default runs it
+# with int8-quantized activations (accuracy level 4); level 1 keeps float32 math on the dequantized weights, as
+# TensorRT's weight-only INT4 GEMMs do, so a CPU run of those graphs checks what a Jetson runs.
+ORT_INT4_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,6 +95,8 @@ class OrtBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        for key, value in ORT_INT4_SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
         providers = [CUDA, CPU] if self.device == "cuda" else [CPU]
         try:
             self.vision = ort.InferenceSession(str(graphs.vision), options, providers=providers)

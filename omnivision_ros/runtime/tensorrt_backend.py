@@ -1,13 +1,21 @@
-"""The TensorRT backend: deserialized engines behind the Backend / DecoderSession interface.
+"""The TensorRT backend: deserialized engines behind the Backend / DecoderSession interface. It only loads
+and runs engines; they are built offline (`omnivision-build-engines`) or once by the factory before it
+opens this backend (runtime/factory.py), never here.
 
-Written against the TensorRT 10 Python API (JetPack 6: TensorRT 10.3; JetPack 7: 10.13+) and
-cuda-python's runtime bindings (`cuda.bindings.runtime` in 13.x and recent 12.x, `cuda.cudart` in
-older 12.x). cuda-python rather than pycuda: it is NVIDIA's binding that TensorRT's own samples use
-now, it maps the CUDA runtime API one to one (so calls read like the C docs), it needs no
-compiler on the Jetson and no implicit context (pycuda.autoinit), and it has CUDA-graph capture.
+Written against the TensorRT 10 Python API (JetPack 6.1/6.2: TensorRT 10.3; JetPack 7.2: 10.16) and
+cuda-python's runtime bindings (runtime/trt_env.py loads both and checks every call). cuda-python rather than
+pycuda: it is NVIDIA's binding that TensorRT's own samples use now, it maps the CUDA runtime API one to one
+(so calls read like the C docs), it needs no compiler on the Jetson and no implicit context
+(pycuda.autoinit), and it has CUDA-graph capture.
 
-tensorrt and cuda are imported lazily: this module imports anywhere, and using it where they are
-missing raises an OmniVisionError naming what is missing.
+Execution contexts: one per optimization profile, never switched. The decoder has a prefill context
+(profile 0) and a decode context (profile 1), the vision engine one context; each gets its profile once, at
+load. Switching one context between profiles in the hot path, and replaying a CUDA graph after such a
+switch, is the pattern TensorRT Edge-LLM issue 50 reports failing with CUDA error 700; Edge-LLM 0.4.0 keeps
+one context per profile, as here. The contexts are created with USER_MANAGED allocation and share one
+activation buffer (`set_device_memory`, sized by the largest `device_memory_size_v2`): TensorRT forbids
+only using it from two contexts at once, and every engine call here runs under the backend's lock and
+ends with a stream synchronize, so they run one after another.
 
 Memory: every device buffer is allocated once, at the engine's maximum shapes, and owned by a
 DeviceBuffer freed explicitly. A session's KV cache stays on the device for the whole generation:
@@ -28,132 +36,41 @@ from typing import Callable
 import numpy as np
 
 from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.bundle import decoder_input_names, decoder_output_names
 from omnivision_ros.model.config import OmniVisionConfig
 from omnivision_ros.runtime import trt_engines as te
 from omnivision_ros.runtime.backend import Backend, DecoderSession
-from omnivision_ros.model.bundle import decoder_input_names, decoder_output_names, open_bundle
+from omnivision_ros.runtime.trt_env import (  # noqa: F401  (re-exported: the backend's public helpers)
+    GpuInfo,
+    checked,
+    create_runtime,
+    cuda,
+    cuda_check,
+    cudart,
+    gpu_info,
+    import_tensorrt,
+    probe_tensorrt,
+    tensorrt_status,
+)
 
-TENSORRT_MISSING = (
-    "the `tensorrt` Python package is not installed (on a Jetson it comes with JetPack: "
-    "`sudo apt install python3-libnvinfer`, and a virtualenv needs --system-site-packages)"
-)
-CUDA_MISSING = (
-    "the CUDA runtime bindings are not installed (pip install cuda-python matching the CUDA version: "
-    "12.x on JetPack 6, 13.x on JetPack 7)"
-)
 GRAPH_CACHE_PER_SESSION = 512  # captured decode steps kept per pooled buffer set (cuda_graphs=True)
-
-_cudart = None
-
-
-def cudart():
-    """cuda-python's CUDA runtime module: `cuda.bindings.runtime` (13.x, 12.6+), else `cuda.cudart` (older 12.x)."""
-    global _cudart
-    if _cudart is None:
-        try:
-            from cuda.bindings import runtime as rt
-        except ImportError:
-            try:
-                from cuda import cudart as rt
-            except ModuleNotFoundError as exc:
-                raise OmniVisionError(CUDA_MISSING) from exc
-            except Exception as exc:  # installed but broken (wrong CUDA version, missing library)
-                raise OmniVisionError(f"the CUDA runtime bindings (cuda-python) do not load: {exc}") from exc
-        except Exception as exc:
-            raise OmniVisionError(f"the CUDA runtime bindings (cuda-python) do not load: {exc}") from exc
-        _cudart = rt
-    return _cudart
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ModuleNotFoundError as exc:
-        raise OmniVisionError(TENSORRT_MISSING) from exc
-    except Exception as exc:  # e.g. libnvinfer missing or from another TensorRT version
-        raise OmniVisionError(f"the `tensorrt` Python package is installed but does not load: {exc}") from exc
-    return trt
-
-
-def cuda_check(result, what: str = "CUDA call"):
-    """Unwrap a cuda-python result tuple (error, *values); raise OmniVisionError naming the error.
-
-    Every CUDA runtime call in this package goes through here.
-    """
-    err, values = result[0], result[1:]
-    code = int(getattr(err, "value", err))
-    if code != 0:  # cudaSuccess
-        try:
-            name = cudart().cudaGetErrorName(err)[1]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-        except Exception:  # the name is only decoration on an error already being raised
-            name = str(err)
-        raise OmniVisionError(f"{what} failed: {name} ({code})")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
 
 
 # ---------------------------------------------------------------------------------------------
 # Device, buffers, streams
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    compute_capability: str  # "8.7"
-
-
-def gpu_info(device: int = 0) -> GpuInfo:
-    """The GPU this process uses; raises OmniVisionError when no GPU is visible."""
-    rt = cudart()
-    try:
-        count = cuda_check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    except (OmniVisionError, RuntimeError) as exc:  # RuntimeError: cuda-python cannot reach a driver
-        raise OmniVisionError(f"no CUDA GPU is visible ({exc})") from None
-    if not count:
-        raise OmniVisionError("no CUDA GPU is visible (cudaGetDeviceCount found 0 devices)")
-    if device >= count:
-        raise OmniVisionError(f"GPU {device} requested but only {count} visible")
-    attr = rt.cudaDeviceAttr
-    major = cuda_check(rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
-    minor = cuda_check(rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
-    try:
-        raw = cuda_check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties").name
-        name = raw.split(b"\0")[0].decode() if isinstance(raw, bytes) else str(raw)
-    except Exception:  # the name is only for logs
-        name = f"GPU {device}"
-    return GpuInfo(device, name, te.format_compute_capability(int(major), int(minor)))
-
-
-def probe_tensorrt() -> tuple[str, GpuInfo]:
-    """(TensorRT version, GPU) when TensorRT can run here; OmniVisionError naming what is missing."""
-    trt = import_tensorrt()
-    cudart()
-    return trt.__version__, gpu_info()
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(usable, detail): whether TensorRT can run here, and what is missing or what was found."""
-    try:
-        version, gpu = probe_tensorrt()
-    except OmniVisionError as exc:
-        return False, str(exc)
-    return True, f"TensorRT {version} on {gpu.name} (sm {gpu.compute_capability})"
-
-
 class DeviceBuffer:
-    """nbytes of device memory (cudaMalloc), released by free()."""
+    """nbytes of device memory (cudaMalloc, 256-byte aligned as TensorRT wants), released by free()."""
 
     def __init__(self, nbytes: int):
         self.nbytes = max(int(nbytes), 1)  # TensorRT wants a real address even for empty tensors
-        self.ptr = int(cuda_check(cudart().cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+        self.ptr = int(cuda("cudaMalloc", self.nbytes, what=f"cudaMalloc({self.nbytes})"))
 
     def free(self) -> None:
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
-            cuda_check(cudart().cudaFree(ptr), "cudaFree")
+            cuda("cudaFree", ptr)
 
 
 class PinnedArray:
@@ -162,7 +79,7 @@ class PinnedArray:
     def __init__(self, shape: tuple[int, ...], dtype):
         dtype = np.dtype(dtype)
         nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
-        self.ptr = int(cuda_check(cudart().cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
+        self.ptr = int(cuda("cudaMallocHost", nbytes, what=f"cudaMallocHost({nbytes})"))
         raw = np.ctypeslib.as_array(ctypes.cast(self.ptr, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
         self.array = raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
 
@@ -170,41 +87,40 @@ class PinnedArray:
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
             self.array = None
-            cuda_check(cudart().cudaFreeHost(ptr), "cudaFreeHost")
+            cuda("cudaFreeHost", ptr)
 
 
 class CudaStream:
     def __init__(self):
-        self.handle = cuda_check(cudart().cudaStreamCreate(), "cudaStreamCreate")
+        self.handle = cuda("cudaStreamCreate")
 
     def synchronize(self) -> None:
-        cuda_check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+        cuda("cudaStreamSynchronize", self.handle)
 
     def destroy(self) -> None:
         if self.handle is not None:
             handle, self.handle = self.handle, None
-            cuda_check(cudart().cudaStreamDestroy(handle), "cudaStreamDestroy")
+            cuda("cudaStreamDestroy", handle)
 
 
 def copy_to_device(dst: DeviceBuffer | int, src: np.ndarray, stream: CudaStream) -> None:
-    rt = cudart()
+    """Queue a host->device copy; `src` must stay untouched until the stream is synchronized."""
     ptr = dst.ptr if isinstance(dst, DeviceBuffer) else dst
-    cuda_check(rt.cudaMemcpyAsync(ptr, src.ctypes.data, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
-               "cudaMemcpyAsync host->device")
+    cuda("cudaMemcpyAsync", ptr, src.ctypes.data, src.nbytes, cudart().cudaMemcpyKind.cudaMemcpyHostToDevice,
+         stream.handle, what="cudaMemcpyAsync host->device")
 
 
 def copy_to_host(dst: np.ndarray, src: DeviceBuffer | int, stream: CudaStream) -> None:
-    rt = cudart()
+    """Queue a device->host copy; `dst` holds the data only after the stream is synchronized."""
     ptr = src.ptr if isinstance(src, DeviceBuffer) else src
-    cuda_check(rt.cudaMemcpyAsync(dst.ctypes.data, ptr, dst.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
-               "cudaMemcpyAsync device->host")
+    cuda("cudaMemcpyAsync", dst.ctypes.data, ptr, dst.nbytes, cudart().cudaMemcpyKind.cudaMemcpyDeviceToHost,
+         stream.handle, what="cudaMemcpyAsync device->host")
 
 
 def copy_on_device(dst: int, src: int, nbytes: int, stream: CudaStream) -> None:
     if nbytes:
-        rt = cudart()
-        cuda_check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
-                   "cudaMemcpyAsync device->device")
+        cuda("cudaMemcpyAsync", dst, src, nbytes, cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle,
+             what="cudaMemcpyAsync device->device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +136,10 @@ class TensorSpec:
 
 
 class Engine:
-    """A deserialized engine with one execution context; IO described by name."""
+    """A deserialized engine with one execution context per optimization profile; IO described by name.
+
+    The contexts have no device memory of their own (USER_MANAGED): `attach` gives them the backend's shared
+    activation buffer, and only then does each get its profile, once."""
 
     def __init__(self, trt, runtime, path: Path):
         try:
@@ -233,9 +152,7 @@ class Engine:
                 f"TensorRT could not load {path} (see the TensorRT error above); engines only load on the "
                 "TensorRT version and GPU they were built with: rebuild with `omnivision-build-engines --force`"
             )
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise OmniVisionError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+        del data
         self.path = path
         self.specs: dict[str, TensorSpec] = {}
         for i in range(self.engine.num_io_tensors):
@@ -246,7 +163,32 @@ class Engine:
                 np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))),
                 tuple(self.engine.get_tensor_shape(name)),
             )
-        self.profile = 0  # a new context starts on profile 0
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.contexts = []
+        for profile in range(self.engine.num_optimization_profiles):
+            context = self.engine.create_execution_context(strategy)
+            if context is None:
+                raise OmniVisionError(f"TensorRT could not create an execution context for {path.name} "
+                                      f"(profile {profile}; see the TensorRT error above)")
+            self.contexts.append(context)
+
+    @property
+    def memory_size(self) -> int:
+        """Activation memory one context needs, the most over all profiles (TensorRT 10.1+:
+        device_memory_size_v2; the Python name for per-profile sizes calls the V1 function up to 10.11)."""
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        return int(size if size is not None else self.engine.device_memory_size)
+
+    def attach(self, memory: "DeviceBuffer", stream: CudaStream) -> None:
+        """Give every context the shared activation buffer, then its profile (context i runs profile i)."""
+        if memory.nbytes < self.memory_size:
+            raise OmniVisionError(f"{self.path.name}: activation buffer of {memory.nbytes} bytes, "
+                                  f"the engine needs {self.memory_size}")
+        for profile, context in enumerate(self.contexts):
+            context.set_device_memory(memory.ptr, memory.nbytes)
+            if profile and not context.set_optimization_profile_async(profile, stream.handle):
+                raise OmniVisionError(f"TensorRT could not set optimization profile {profile} of {self.path.name}")
+        stream.synchronize()  # profile setup may copy on `stream`; sessions run on other streams
 
     def require(self, inputs: list[str], outputs: list[str]) -> None:
         want = {**{n: True for n in inputs}, **{n: False for n in outputs}}
@@ -259,31 +201,26 @@ class Engine:
     def max_shape(self, name: str, profile: int) -> tuple[int, ...]:
         return tuple(self.engine.get_tensor_profile_shape(name, profile)[2])
 
-    def select_profile(self, profile: int, stream: CudaStream) -> None:
-        if profile != self.profile:
-            try:
-                self.context.set_optimization_profile_async(profile, stream.handle)
-            except RuntimeError as exc:
-                raise OmniVisionError(
-                    f"TensorRT could not switch {self.path.name} to optimization profile {profile}: {exc}"
-                ) from exc
-            self.profile = profile
-
-    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if not self.context.set_input_shape(name, shape):
-            lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
+    def set_shape(self, profile: int, name: str, shape: tuple[int, ...]) -> None:
+        if not self.contexts[profile].set_input_shape(name, shape):
+            lo, _, hi = self.engine.get_tensor_profile_shape(name, profile)
             raise OmniVisionError(
-                f"{self.path.name}: shape {tuple(shape)} of '{name}' is outside optimization profile {self.profile} "
+                f"{self.path.name}: shape {tuple(shape)} of '{name}' is outside optimization profile {profile} "
                 f"({tuple(lo)} .. {tuple(hi)})"
             )
 
-    def bind(self, name: str, ptr: int) -> None:
-        if not self.context.set_tensor_address(name, ptr):
+    def bind(self, profile: int, name: str, ptr: int) -> None:
+        if not self.contexts[profile].set_tensor_address(name, ptr):
             raise OmniVisionError(f"{self.path.name}: TensorRT refused the address of '{name}'")
 
-    def execute(self, stream: CudaStream) -> None:
-        if not self.context.execute_async_v3(stream.handle):
+    def execute(self, profile: int, stream: CudaStream) -> None:
+        if not self.contexts[profile].execute_async_v3(stream.handle):
             raise OmniVisionError(f"TensorRT execution of {self.path.name} failed (see the TensorRT error above)")
+
+    def release(self) -> None:
+        """Contexts before the engine, as TensorRT requires."""
+        self.contexts = []
+        self.engine = None
 
 
 class _SessionBuffers:
@@ -308,21 +245,21 @@ class _SessionBuffers:
         self.embeds_host = PinnedArray((cfg.mp_tokens, cfg.lm_hidden), d.specs["image_embeds"].dtype)
         self.logits_host = PinnedArray((cfg.lm_vocab,), d.specs["logits"].dtype)
         self.clear_image()
-        self.stream.synchronize()
 
     def clear_image(self) -> None:
         """Sessions without an image still bind image_embeds: zeros, as the contract asks."""
         self.embeds_host.array[:] = 0
         copy_to_device(self.embeds, self.embeds_host.array, self.stream)
+        self.stream.synchronize()  # the host buffer is reused by the next image
 
     def drop_graphs(self) -> None:
-        rt = cudart()
         while self.graphs:
             _, (graph, graph_exec) = self.graphs.popitem()
-            cuda_check(rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
-            cuda_check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            cuda("cudaGraphExecDestroy", graph_exec)
+            cuda("cudaGraphDestroy", graph)
 
     def free(self) -> None:
+        self.stream.synchronize()  # nothing queued may still use the buffers
         self.drop_graphs()
         for buffer in [*self.kv[0], *self.kv[1], self.ids, self.positions, self.embeds, self.logits]:
             buffer.free()
@@ -359,9 +296,19 @@ class TensorRTSession(DecoderSession):
         self.backend._release(buffers)
 
 
+@dataclass
+class GraphStats:
+    """What CUDA-graph capture did (cuda_graphs=True): decode steps captured and replayed, and why capture
+    stopped if it failed (the backend then runs without graphs)."""
+
+    captured: int = 0
+    replayed: int = 0
+    failure: str = ""
+
+
 class TensorRTBackend(Backend):
-    """Vision and decoder engines of one engine folder. Calls are serialized by a lock (the
-    execution contexts are shared); each session runs on its own CUDA stream."""
+    """Vision and decoder engines of one engine folder. Calls are serialized by a lock (the execution
+    contexts and their activation memory are shared); each session runs on its own CUDA stream."""
 
     name = "tensorrt"
 
@@ -371,40 +318,43 @@ class TensorRTBackend(Backend):
         self.config = config
         self.log = log or (lambda message: None)
         self.manifest = te.read_manifest(engine_dir)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = create_runtime(trt)  # outlives the engines it deserializes (released last)
         self.vision = Engine(trt, self._runtime, engine_dir / self.manifest["engines"]["vision"]["file"])
         self.decoder = Engine(trt, self._runtime, engine_dir / self.manifest["engines"]["decoder"]["file"])
         self.vision.require(["pixel_values"], ["image_embeds"])
         self.decoder.require(decoder_input_names(config), decoder_output_names(config))
-        if self.decoder.engine.num_optimization_profiles != 2:
+        if len(self.decoder.contexts) != 2:
             raise OmniVisionError(
-                f"{self.decoder.path} has {self.decoder.engine.num_optimization_profiles} optimization profiles, "
-                "expected 2 (prefill, decode)"
+                f"{self.decoder.path} has {len(self.decoder.contexts)} optimization profiles, expected 2 (prefill, decode)"
             )
         self.max_cameras = self.vision.max_shape("pixel_values", 0)[0]
         self.max_prefill = self.decoder.max_shape("input_ids", te.PREFILL_PROFILE)[1]
         self.max_context = self.decoder.max_shape("past_key_0", te.DECODE_PROFILE)[2] + 1
         self.cuda_graphs = cuda_graphs
+        self.graph_stats = GraphStats()
         self._closed = False
         self._lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._pool: list[_SessionBuffers] = []
         self._all: list[_SessionBuffers] = []
+        self._stream = CudaStream()
+        # One activation buffer for the three contexts: they run one at a time (under _lock, synchronized).
+        self._activations = DeviceBuffer(max(self.vision.memory_size, self.decoder.memory_size))
+        for engine in (self.vision, self.decoder):
+            engine.attach(self._activations, self._stream)
         # Vision IO at the maximum batch.
         s, tokens, hidden = config.vit_image_size, config.mp_tokens, config.lm_hidden
-        self._stream = CudaStream()
         self._pixels_host = PinnedArray((self.max_cameras, 3, s, s), self.vision.specs["pixel_values"].dtype)
         self._embeds_host = PinnedArray((self.max_cameras, tokens, hidden), self.vision.specs["image_embeds"].dtype)
         self._pixels = DeviceBuffer(self._pixels_host.array.nbytes)
         self._embeds = DeviceBuffer(self._embeds_host.array.nbytes)
         m = self.manifest
-        scratch = sum(_context_memory(e.engine) for e in (self.vision, self.decoder)) >> 20
         session = te.session_kv_bytes(config, self.max_context, self.decoder.specs["past_key_0"].dtype.itemsize) >> 20
         self.description = (
             f"TensorRT {m['tensorrt']} {m['precision']} on {m.get('gpu', '?')} (sm {m['compute_capability']}), "
             f"engines {engine_dir.name}, context {self.max_context}, {self.max_cameras} cameras per batch, "
-            f"{scratch} MiB activations + {session} MiB KV cache per session" + (", CUDA graphs" if cuda_graphs else "")
+            f"{self._activations.nbytes >> 20} MiB activations (shared by 3 contexts) + {session} MiB KV cache "
+            "per session" + (", CUDA graphs" if cuda_graphs else "")
         )
 
     # -- vision ---------------------------------------------------------------------------------
@@ -424,10 +374,10 @@ class TensorRTBackend(Backend):
                 n = chunk.shape[0]
                 self._pixels_host.array[:n] = chunk
                 copy_to_device(self._pixels, self._pixels_host.array[:n], self._stream)
-                self.vision.set_shape("pixel_values", (n, 3, s, s))
-                self.vision.bind("pixel_values", self._pixels.ptr)
-                self.vision.bind("image_embeds", self._embeds.ptr)
-                self.vision.execute(self._stream)
+                self.vision.set_shape(0, "pixel_values", (n, 3, s, s))
+                self.vision.bind(0, "pixel_values", self._pixels.ptr)
+                self.vision.bind(0, "image_embeds", self._embeds.ptr)
+                self.vision.execute(0, self._stream)
                 copy_to_host(self._embeds_host.array[:n], self._embeds, self._stream)
                 self._stream.synchronize()
                 out.append(self._embeds_host.array[:n].astype(np.float32))
@@ -460,6 +410,7 @@ class TensorRTBackend(Backend):
         cfg = self.config
         itemsize = self.decoder.specs["past_key_0"].dtype.itemsize
         nbytes = cfg.lm_kv_heads * session.length * cfg.lm_head_dim * itemsize  # valid part of [1, kv, P, hd]
+        src.stream.synchronize()  # the source's last call (or image upload) has landed
         for a, b in zip(dst.kv[0], src.kv[session.parity]):
             copy_on_device(a.ptr, b.ptr, nbytes, dst.stream)
         copy_on_device(dst.embeds.ptr, src.embeds.ptr, src.embeds.nbytes, dst.stream)
@@ -467,77 +418,82 @@ class TensorRTBackend(Backend):
         return TensorRTSession(self, dst, session.length, 0, session.has_image)
 
     def _run(self, session: TensorRTSession, ids: np.ndarray, p: int) -> np.ndarray:
-        """One engine call: ids [T] appended to the session's past of p tokens; returns fp32 logits [vocab]."""
+        """One engine call: ids [T] appended to the session's past of p tokens; returns fp32 logits [vocab].
+
+        The profile decides the context (prefill or decode); neither ever switches profile."""
         self._check_open()
         b = session.buffers
         t = int(ids.size)
         profile = te.choose_profile(t, p)
-        b.ids_host.array[:t] = ids
-        b.positions_host.array[:t] = np.arange(p, p + t, dtype=np.int32)
         with self._lock:
+            b.stream.synchronize()  # the previous call's copies out of the host buffers are done
+            b.ids_host.array[:t] = ids
+            b.positions_host.array[:t] = np.arange(p, p + t, dtype=np.int32)
             copy_to_device(b.ids, b.ids_host.array[:t], b.stream)
             copy_to_device(b.positions, b.positions_host.array[:t], b.stream)
-            d = self.decoder
-            d.select_profile(profile, b.stream)
             key = (p, session.parity)
-            replay = self.cuda_graphs and profile == te.DECODE_PROFILE and key in b.graphs
+            graphs = self.cuda_graphs and profile == te.DECODE_PROFILE
+            replay = graphs and key in b.graphs
             if replay:
                 b.graphs.move_to_end(key)
-                cuda_check(cudart().cudaGraphLaunch(b.graphs[key][1], b.stream.handle), "cudaGraphLaunch")
+                cuda("cudaGraphLaunch", b.graphs[key][1], b.stream.handle)
+                self.graph_stats.replayed += 1
             else:
-                self._bind_decoder(b, t, p, session.parity)
-                d.execute(b.stream)
+                self._bind_decoder(profile, b, t, p, session.parity)
+                self.decoder.execute(profile, b.stream)
             copy_to_host(b.logits_host.array, b.logits, b.stream)
             b.stream.synchronize()
             logits = b.logits_host.array.astype(np.float32)
-            if self.cuda_graphs and profile == te.DECODE_PROFILE and not replay:
+            if graphs and not replay:
                 self._capture(b, key)
         session.parity ^= 1
         return logits
 
-    def _bind_decoder(self, b: _SessionBuffers, t: int, p: int, parity: int) -> None:
+    def _bind_decoder(self, profile: int, b: _SessionBuffers, t: int, p: int, parity: int) -> None:
         cfg, d = self.config, self.decoder
         kv, hd = cfg.lm_kv_heads, cfg.lm_head_dim
-        d.set_shape("input_ids", (1, t))
-        d.set_shape("position_ids", (1, t))
-        d.set_shape("image_embeds", (1, cfg.mp_tokens, cfg.lm_hidden))
-        d.bind("input_ids", b.ids.ptr)
-        d.bind("position_ids", b.positions.ptr)
-        d.bind("image_embeds", b.embeds.ptr)
-        d.bind("logits", b.logits.ptr)
+        d.set_shape(profile, "input_ids", (1, t))
+        d.set_shape(profile, "position_ids", (1, t))
+        d.set_shape(profile, "image_embeds", (1, cfg.mp_tokens, cfg.lm_hidden))
+        d.bind(profile, "input_ids", b.ids.ptr)
+        d.bind(profile, "position_ids", b.positions.ptr)
+        d.bind(profile, "image_embeds", b.embeds.ptr)
+        d.bind(profile, "logits", b.logits.ptr)
         past, present = b.kv[parity], b.kv[parity ^ 1]
         for i in range(cfg.lm_layers):
             for j, kind in ((2 * i, "key"), (2 * i + 1, "value")):
-                d.set_shape(f"past_{kind}_{i}", (1, kv, p, hd))
-                d.bind(f"past_{kind}_{i}", past[j].ptr)
-                d.bind(f"present_{kind}_{i}", present[j].ptr)
+                d.set_shape(profile, f"past_{kind}_{i}", (1, kv, p, hd))
+                d.bind(profile, f"past_{kind}_{i}", past[j].ptr)
+                d.bind(profile, f"present_{kind}_{i}", present[j].ptr)
 
     def _capture(self, b: _SessionBuffers, key: tuple[int, int]) -> None:
-        """Record the decode step just run (same shapes and addresses) as a CUDA graph for replay.
+        """Record the decode step just run (same shapes and addresses, on the decode context) as a CUDA graph.
 
-        TensorRT asks for one enqueue with the final shapes and addresses before capture: the call
-        that just produced the logits is that enqueue. A graph is keyed by (past length, KV parity)
-        of this buffer set; pooled buffer sets make those keys recur across questions.
+        TensorRT asks for one enqueue with the final shapes and addresses before capture: the call that just
+        produced the logits is that enqueue. A graph is keyed by (past length, KV parity) of this buffer set;
+        pooled buffer sets make those keys recur across questions. Capture failing turns graphs off, with
+        the reason kept in graph_stats and logged.
         """
         rt = cudart()
         try:
-            cuda_check(rt.cudaStreamBeginCapture(b.stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-                       "cudaStreamBeginCapture")
-            ok = self.decoder.context.execute_async_v3(b.stream.handle)
-            graph = cuda_check(rt.cudaStreamEndCapture(b.stream.handle), "cudaStreamEndCapture")
+            cuda("cudaStreamBeginCapture", b.stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+            ok = self.decoder.contexts[te.DECODE_PROFILE].execute_async_v3(b.stream.handle)
+            graph = cuda("cudaStreamEndCapture", b.stream.handle)
             if not ok:
-                cuda_check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+                cuda("cudaGraphDestroy", graph)
                 raise OmniVisionError("TensorRT enqueue failed during stream capture")
-            graph_exec = cuda_check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            graph_exec = cuda("cudaGraphInstantiate", graph, 0)
         except OmniVisionError as exc:
             self.cuda_graphs = False
+            self.graph_stats.failure = str(exc)
             self.log(f"tensorrt: CUDA graph capture failed, continuing without graphs: {exc}")
             return
         b.graphs[key] = (graph, graph_exec)
+        self.graph_stats.captured += 1
         if len(b.graphs) > GRAPH_CACHE_PER_SESSION:
             _, (old_graph, old_exec) = b.graphs.popitem(last=False)
-            cuda_check(rt.cudaGraphExecDestroy(old_exec), "cudaGraphExecDestroy")
-            cuda_check(rt.cudaGraphDestroy(old_graph), "cudaGraphDestroy")
+            cuda("cudaGraphExecDestroy", old_exec)
+            cuda("cudaGraphDestroy", old_graph)
 
     def close(self):
         with self._lock, self._pool_lock:
@@ -548,66 +504,31 @@ class TensorRTBackend(Backend):
                 buffers.free()
             self._all.clear()
             self._pool.clear()
-            for resource in (self._pixels, self._embeds, self._pixels_host, self._embeds_host):
+            # Contexts before engines before the runtime, as TensorRT requires; then their memory.
+            for engine in (self.vision, self.decoder):
+                engine.release()
+            self._runtime = None
+            for resource in (self._pixels, self._embeds, self._pixels_host, self._embeds_host, self._activations):
                 resource.free()
             if self._stream.handle is not None:
                 self._stream.destroy()
-            # Contexts before engines before the runtime, as TensorRT requires.
-            for engine in (self.vision, self.decoder):
-                engine.context = None
-                engine.engine = None
 
 
-def _context_memory(engine) -> int:
-    """Activation memory an execution context allocates (TensorRT 10.1+ names it device_memory_size_v2)."""
-    size = getattr(engine, "device_memory_size_v2", None)
-    return int(size if size is not None else getattr(engine, "device_memory_size", 0))
+def open_tensorrt(bundle, precision: str = "fp16", cuda_graphs: bool = False,
+                  log: Callable[[str], None] | None = None, probe=None) -> TensorRTBackend:
+    """The TensorRT backend for an opened bundle's engines of `precision` built for this TensorRT and GPU.
 
-
-def open_tensorrt(
-    bundle_path: str | Path,
-    precision: str = "fp16",
-    options: te.EngineOptions | None = None,
-    build: bool = True,
-    cuda_graphs: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> TensorRTBackend:
-    """The TensorRT backend for a model bundle: reuse its matching engines, or build them first.
-
-    options=None accepts engines built with any options (as `omnivision-build-engines` left them);
-    build=False raises instead of building (a build takes minutes on a Jetson).
+    Loads only: when no matching engines exist it raises, naming `omnivision-build-engines`. The factory
+    (runtime/factory.py) decides whether to build them first. `probe` is the TensorRTProbe of the caller's
+    check, so TensorRT and the GPU are probed once per open.
     """
     log = log or (lambda message: None)
-    ok, detail = tensorrt_status()
-    if not ok:
-        raise OmniVisionError(f"TensorRT cannot run here: {detail}")
-    bundle = open_bundle(bundle_path)
-    precision = options.precision if options is not None else precision
-    target = engine_target(bundle, precision)
-    wanted = options.resolved(bundle.config) if options is not None else None
-    root = Path(bundle_path) / te.ENGINES_DIR
-    decision = te.decide(root, target, wanted)
-    if decision.reuse:
-        log(f"tensorrt: {decision.reason}")
-    else:
-        if not build:
-            raise OmniVisionError(f"no usable TensorRT engines: {decision.reason}; run `omnivision-build-engines {bundle_path}`")
-        from omnivision_ros.export.tensorrt_build import build_engines
-
-        build_engines(bundle_path, wanted or te.EngineOptions(precision=precision), log=log)  # logs the decision
+    probe = probe or probe_tensorrt()
+    target = te.engine_target(bundle, precision, probe.version, probe.gpu.compute_capability)
+    root = Path(bundle.path) / te.ENGINES_DIR
+    decision = te.decide(root, target, None)
+    if not decision.reuse:
+        raise OmniVisionError(f"no usable TensorRT engines: {decision.reason}; "
+                              f"run `omnivision-build-engines {bundle.path} --precision {precision}`")
+    log(f"tensorrt: {decision.reason}")
     return TensorRTBackend(bundle.config, root / target.key, cuda_graphs=cuda_graphs, log=log)
-
-
-def engine_target(bundle, precision: str) -> te.EngineTarget:
-    """The engine identity for a bundle variant on this machine's TensorRT and GPU."""
-    trt = import_tensorrt()
-    gpu = gpu_info()
-    variant = bundle.variant(precision)  # verifies the graph files against the bundle manifest
-    return te.EngineTarget(trt.__version__, gpu.compute_capability, variant.precision,
-                           te.onnx_digest(variant_sources(bundle, precision)))
-
-
-def variant_sources(bundle, precision: str) -> dict[str, str]:
-    """{relative path: sha256} of a variant's graph and weight files, from the bundle manifest."""
-    entry = bundle.manifest["variants"][precision]
-    return {rel: bundle.file_sha256(rel) for rel in [entry["vision"], entry["decoder"], *entry.get("data", [])]}

@@ -1,6 +1,7 @@
-"""TensorRT engine bookkeeping as plain functions: cache keys, the engine manifest, the
-reuse-or-rebuild decision, and optimization-profile shapes. No tensorrt, no torch, no CUDA here,
-so all of it is unit-tested on machines without a GPU.
+"""TensorRT engine identity and format as plain functions: cache keys, the engine manifest, the
+reuse-or-rebuild decision, and optimization-profile shapes. The builder (export/tensorrt_build.py) and the
+runtime (runtime/tensorrt_backend.py) both use these and neither imports the other. No tensorrt, no torch,
+no CUDA here, so all of it is unit-tested on machines without a GPU.
 
 Layout inside a model bundle:
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.config import OmniVisionConfig
-from omnivision_ros.model.variants import TENSORRT_PRECISIONS
+from omnivision_ros.model.variants import TENSORRT_PRECISIONS, tensorrt_variant
 
 ENGINES_DIR = "engines"
 ENGINE_MANIFEST = "engine.json"
@@ -95,10 +96,6 @@ class EngineOptions:
 # Cache key
 
 
-def format_compute_capability(major: int, minor: int) -> str:
-    return f"{major}.{minor}"
-
-
 def onnx_digest(file_hashes: dict[str, str]) -> str:
     """One sha256 over the graph files an engine is built from: {relative path: sha256 of file}.
 
@@ -146,6 +143,19 @@ class EngineTarget:
     @property
     def key(self) -> str:
         return engine_key(self.trt_version, self.compute_capability, self.precision, self.onnx_digest)
+
+
+def engine_target(bundle, precision: str, trt_version: str, compute_capability: str) -> EngineTarget:
+    """The engine identity of a bundle's `precision` on a TensorRT version and GPU. Verifies the variant's
+    graph files against the bundle manifest (their hashes make the key)."""
+    bundle.variant(tensorrt_variant(precision))  # verifies the files
+    return EngineTarget(trt_version, compute_capability, precision, onnx_digest(variant_sources(bundle, precision)))
+
+
+def variant_sources(bundle, precision: str) -> dict[str, str]:
+    """{relative path: sha256} of the graph and weight files TensorRT engines of `precision` are built from."""
+    entry = bundle.manifest["variants"][tensorrt_variant(precision)]
+    return {rel: bundle.file_sha256(rel) for rel in [entry["vision"], entry["decoder"], *entry.get("data", [])]}
 
 
 @dataclass(frozen=True)
