@@ -47,8 +47,9 @@ def tiny_bundle(tmp_path_factory):
     """The tiny preset (seed 0, the weights of `tiny_model`) exported once per session, fp32 + fp16.
 
     OMNIVISION_TEST_BUNDLE names one exported the same way elsewhere (`omnivision-export --model
-    tiny --out DIR --fp16 --seed 0`): environments without torch test on it. Tests that write into
-    a bundle (engines, corrupted files) copy it first."""
+    tiny --out DIR --fp16 --cpu-variants none --seed 0`): environments without torch test on it. Tests
+    that write into a bundle (engines, corrupted files) copy it first. No CPU variant: the tests that
+    run the default variant run fp32, and test_cpu_variants.py adds int8 and int4 to a copy."""
     from omnivision_ros.model.bundle import MANIFEST
 
     given = os.environ.get("OMNIVISION_TEST_BUNDLE")
@@ -61,7 +62,8 @@ def tiny_bundle(tmp_path_factory):
 
     path = tmp_path_factory.getbasetemp() / "tiny-bundle"
     if not (path / MANIFEST).is_file():
-        assert export_main(["--model", "tiny", "--out", str(path), "--fp16", "--seed", "0", "--no-progress"]) == 0
+        assert export_main(["--model", "tiny", "--out", str(path), "--fp16", "--cpu-variants", "none", "--seed", "0",
+                            "--no-progress"]) == 0
     return path
 
 

@@ -91,10 +91,10 @@ def prepare(work: Path, preset: str, seed: int, variants: list[str], llama: bool
         _run_step(["omnivision_ros.export.make_test_model", "--preset", preset, "--out", str(f16), "--dtype", "f16",
                    "--seed", str(seed)], "writing the F16 GGUF files")
     bundle = work / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        _run_step(["omnivision_ros.export.cli", "--model", str(f16), "--out", str(bundle), "--force"],
-                  "exporting the bundle from the F16 GGUF files")
     kinds = [v for v in variants if v != "fp32"]
+    if not (bundle / "manifest.json").is_file():
+        _run_step(["omnivision_ros.export.cli", "--model", str(f16), "--out", str(bundle), "--force",
+                   "--cpu-variants", ",".join(kinds) or "none"], "exporting the bundle from the F16 GGUF files")
     manifest = json.loads((bundle / "manifest.json").read_text())
     missing = [k for k in kinds if variant_spec(k).name not in manifest["variants"]]
     if missing:

@@ -16,15 +16,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help=(
         f"folder with the two GGUF files, or a preset ({', '.join(sorted(PRESETS))}; random weights)"))
     parser.add_argument("--out", required=True, help="bundle directory to write")
-    parser.add_argument("--fp16", action="store_true", help="also write the float16 variant (for GPUs), in fp16/")
-    parser.add_argument("--cpu-variants", default="", metavar="LIST", help=(
-        f"also build CPU-optimized variants, comma-separated: {', '.join(CPU_VARIANTS)} (int8 is the CPU default "
-        "when present); written to cpu-int8/, cpu-int4/. With --model BUNDLE --out BUNDLE (the same path) they "
-        "are added to an existing bundle, from its fp32 graphs"))
+    parser.add_argument("--fp16", action="store_true", help=(
+        "also write the float16 variant (for GPUs; TensorRT builds its engines from it), in fp16/"))
+    parser.add_argument("--cpu-variants", default=None, metavar="LIST", help=(
+        f"CPU-optimized variants to build, comma-separated: {', '.join(CPU_VARIANTS)}, or none; written to "
+        "cpu-int8/, cpu-int4/. Default: int8 (what ONNX Runtime runs on a CPU when present: ~3.5x the decode "
+        "speed of fp32), none with --tensorrt (a GPU target). With --model BUNDLE --out BUNDLE (the same path) "
+        "they are added to an existing bundle, from its fp32 graphs"))
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
-    parser.add_argument("--tensorrt", action="store_true",
-                        help="then build TensorRT engines for this machine's GPU into BUNDLE/engines/")
+    parser.add_argument("--tensorrt", action="store_true", help=(
+        "also write the fp16 variant (as --fp16), then build TensorRT engines for this machine's GPU into "
+        "BUNDLE/engines/"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -59,7 +62,12 @@ def build_tensorrt(bundle: Path) -> None:
     tensorrt_build.build_engines(bundle)
 
 
-def cpu_variant_kinds(text: str) -> list[str]:
+def cpu_variant_kinds(text: str | None, tensorrt: bool = False) -> list[str]:
+    """The --cpu-variants list; None (not given) is int8, or none for a --tensorrt export."""
+    if text is None:
+        return [] if tensorrt else ["int8"]
+    if text.strip().lower() == "none":
+        return []
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in CPU_VARIANTS]
     if unknown:
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from omnivision_ros.export.bundle import export_bundle
     from omnivision_ros.model.bundle import MANIFEST
 
-    kinds = cpu_variant_kinds(args.cpu_variants)
+    kinds = cpu_variant_kinds(args.cpu_variants, args.tensorrt)
     if (Path(args.model) / MANIFEST).is_file():  # an existing bundle: only CPU variants can be added to it
         if not kinds or Path(args.out).resolve() != Path(args.model).resolve():
             raise OmniVisionError(f"--model {args.model} is a bundle; to add CPU variants to it pass "
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     model, tokenizer, source = load_source(args.model, args.seed)
-    precisions = ("fp32", "fp16") if args.fp16 else ("fp32",)
+    precisions = ("fp32", "fp16") if args.fp16 or args.tensorrt else ("fp32",)
     out = export_bundle(model, tokenizer, args.out, precisions, source=source, force=args.force,
                         progress=not args.no_progress)
     print(f"wrote {out} ({', '.join(precisions)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
