@@ -11,7 +11,7 @@ from omnivision_ros.model.tokenizer import TextTokenizer
 # Test modules that import torch, transformers or the export tools at their top; where those are
 # not installed they are reported as skipped instead of failing to import.
 NEEDS_TORCH = {"test_cli.py", "test_cpu_variants.py", "test_gguf.py", "test_onnx_export.py", "test_projector.py",
-               "test_model.py", "test_parity.py"}
+               "test_model.py", "test_parity.py", "test_released_folder.py"}
 
 # Keep ROS traffic of parallel test runs apart.
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 100))

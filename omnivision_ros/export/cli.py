@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cpu-int8/, cpu-int4/. Default: int8 (what ONNX Runtime runs on a CPU when present: ~3.5x the decode "
         "speed of fp32), none with --tensorrt (a GPU target). With --model BUNDLE --out BUNDLE (the same path) "
         "they are added to an existing bundle, from its fp32 graphs"))
+    parser.add_argument("--lm-file", default=None, metavar="NAME", help=(
+        "language-model file of a GGUF folder that holds several (default: the F16 one of the first release)"))
+    parser.add_argument("--mmproj-file", default=None, metavar="NAME", help=(
+        "mmproj file of a GGUF folder that holds several (default: the f16 one of the language model's release)"))
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     parser.add_argument("--tensorrt", action="store_true", help=(
@@ -32,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_source(model: str, seed: int):
+def load_source(model: str, seed: int, lm_file: str | None = None, mmproj_file: str | None = None):
     """(OmniVisionModel, TextTokenizer, description) for a preset name or a GGUF folder."""
-    from omnivision_ros.model.tokenizer import TextTokenizer
-    from omnivision_ros.model.vision_language_model import OmniVisionModel
-
     if model in PRESETS:
+        if lm_file or mmproj_file:
+            raise OmniVisionError(f"--lm-file / --mmproj-file choose files of a GGUF folder; {model} is a preset")
+        from omnivision_ros.model.tokenizer import TextTokenizer
+        from omnivision_ros.model.vision_language_model import OmniVisionModel
+
         source = f"preset {model}, random weights, seed {seed}"
         return OmniVisionModel.random(PRESETS[model], seed), TextTokenizer.synthetic(), source
     path = Path(model)
@@ -46,11 +52,13 @@ def load_source(model: str, seed: int):
             f"--model {model} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory of GGUF files"
         )
     try:
-        from omnivision_ros.model.gguf_loader import load_gguf_model
+        from omnivision_ros.model.gguf_loader import load_gguf_model, select_gguf_files
     except ImportError as exc:
         raise OmniVisionError(f"GGUF loading is not available in this install: {exc}") from exc
-    loaded, tokenizer = load_gguf_model(path)
-    return loaded, tokenizer, f"gguf {path.resolve()}"
+    choice = select_gguf_files(path, lm_file, mmproj_file)
+    loaded, tokenizer = load_gguf_model(path, lm_file, mmproj_file,
+                                        log=lambda line: print(f"[omnivision-export] {line}", file=sys.stderr))
+    return loaded, tokenizer, f"gguf {path.resolve()} ({choice.lm.name} + {choice.mmproj.name})"
 
 
 def build_tensorrt(bundle: Path) -> None:
@@ -85,7 +93,6 @@ def add_cpu_variants(bundle: Path, kinds: list[str], args: argparse.Namespace, m
 
 
 def run(args: argparse.Namespace) -> int:
-    from omnivision_ros.export.bundle import export_bundle
     from omnivision_ros.model.bundle import MANIFEST
 
     kinds = cpu_variant_kinds(args.cpu_variants, args.tensorrt)
@@ -96,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
         add_cpu_variants(Path(args.out), kinds, args)
         return 0
     t0 = time.perf_counter()
-    model, tokenizer, source = load_source(args.model, args.seed)
+    model, tokenizer, source = load_source(args.model, args.seed, args.lm_file, args.mmproj_file)
     precisions = ("fp32", "fp16") if args.fp16 or args.tensorrt else ("fp32",)
+    from omnivision_ros.export.bundle import export_bundle  # torch + onnx: after the GGUF files are checked
+
     out = export_bundle(model, tokenizer, args.out, precisions, source=source, force=args.force,
                         progress=not args.no_progress)
     print(f"wrote {out} ({', '.join(precisions)}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
