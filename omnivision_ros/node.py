@@ -135,12 +135,13 @@ class OmniVisionNode(Node):
             raise OmniVisionError(NO_MODEL)
         # open_model logs which backend it chose and why.
         backend, tokenizer = open_model(
-            cfg.model, cfg.backend, cfg.threads, precision=cfg.precision, log=self.get_logger().info
+            cfg.model, cfg.backend, cfg.threads, precision=cfg.precision, log=self.get_logger().info,
+            lm_file=cfg.lm_file, mmproj_file=cfg.mmproj_file,
         )
         generation = GenerationConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed).validate()
         self.backend_name = backend.name
         self.backend_description = getattr(backend, "description", "")
-        return Pipeline(backend, tokenizer, generation, cfg.vision_cache_size, cfg.prefix_cache_size)
+        return Pipeline(backend, tokenizer, generation, cfg.vision_cache_size, cfg.prefix_cache_size, task=cfg.task)
 
     def _model_loaded(self, worker: InferenceWorker) -> None:
         if worker.state == READY:

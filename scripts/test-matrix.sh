@@ -30,7 +30,7 @@ done
 # The bundle: the same export as conftest.py's tiny_bundle fixture, by the venv that has torch.
 bash scripts/setup.sh > /dev/null
 say "exporting the tiny bundle with .venv into ${BUNDLE#$ROOT/} ..."
-.venv/bin/omnivision-export --model tiny --out "$BUNDLE" --fp16 --seed 0 --no-progress --force
+.venv/bin/omnivision-export --model tiny --out "$BUNDLE" --fp16 --cpu-variants none --seed 0 --no-progress --force
 
 for entry in "${entries[@]}"; do
     distro="${entry%%-*}"

@@ -11,7 +11,7 @@ from omnivision_ros.model.tokenizer import TextTokenizer
 # Test modules that import torch, transformers or the export tools at their top; where those are
 # not installed they are reported as skipped instead of failing to import.
 NEEDS_TORCH = {"test_cli.py", "test_cpu_variants.py", "test_gguf.py", "test_onnx_export.py", "test_projector.py",
-               "test_model.py", "test_parity.py", "test_fp16_stress.py"}
+               "test_model.py", "test_parity.py", "test_fp16_stress.py", "test_released_folder.py"}
 
 # Keep ROS traffic of parallel test runs apart.
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 100))
@@ -47,8 +47,9 @@ def tiny_bundle(tmp_path_factory):
     """The tiny preset (seed 0, the weights of `tiny_model`) exported once per session, fp32 + fp16.
 
     OMNIVISION_TEST_BUNDLE names one exported the same way elsewhere (`omnivision-export --model
-    tiny --out DIR --fp16 --seed 0`): environments without torch test on it. Tests that write into
-    a bundle (engines, corrupted files) copy it first."""
+    tiny --out DIR --fp16 --cpu-variants none --seed 0`): environments without torch test on it. Tests
+    that write into a bundle (engines, corrupted files) copy it first. No CPU variant: the tests that
+    run the default variant run fp32, and test_cpu_variants.py adds int8 and int4 to a copy."""
     from omnivision_ros.model.bundle import MANIFEST
 
     given = os.environ.get("OMNIVISION_TEST_BUNDLE")
@@ -61,7 +62,8 @@ def tiny_bundle(tmp_path_factory):
 
     path = tmp_path_factory.getbasetemp() / "tiny-bundle"
     if not (path / MANIFEST).is_file():
-        assert export_main(["--model", "tiny", "--out", str(path), "--fp16", "--seed", "0", "--no-progress"]) == 0
+        assert export_main(["--model", "tiny", "--out", str(path), "--fp16", "--cpu-variants", "none", "--seed", "0",
+                            "--no-progress"]) == 0
     return path
 
 

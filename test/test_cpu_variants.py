@@ -97,7 +97,8 @@ def test_variants_built_from_the_model_equal_those_from_the_graphs(cpu_bundle, t
     import onnx
 
     out = tmp_path / "bundle"
-    assert export_main(["--model", "tiny", "--out", str(out), "--cpu-variants", "int8", "--no-progress"]) == 0
+    assert export_main(["--model", "tiny", "--out", str(out), "--no-progress"]) == 0  # int8 by default
+    assert open_bundle(out).variants == ["fp32", "cpu-int8"]
     for graph in ("vision.onnx", "decoder.onnx"):
         ours = onnx.load(str(out / "cpu-int8" / graph))
         theirs = onnx.load(str(cpu_bundle / "cpu-int8" / graph))
@@ -194,6 +195,20 @@ def test_precision_names_and_the_cpu_default(cpu_bundle, tiny_bundle):
     assert OrtBackend(open_bundle(tiny_bundle), threads=1, device="cpu").variant == "fp32"  # no CPU variants
     with pytest.raises(OmniVisionError, match="--cpu-variants int8"):
         OrtBackend(open_bundle(tiny_bundle), "int8")
+
+
+def test_export_writes_int8_unless_told_not_to():
+    from omnivision_ros.export.cli import build_parser, cpu_variant_kinds
+
+    def kinds(*argv):
+        args = build_parser().parse_args(["--model", "tiny", "--out", "b", *argv])
+        return cpu_variant_kinds(args.cpu_variants, args.tensorrt)
+
+    assert kinds() == ["int8"]
+    assert kinds("--fp16") == ["int8"]
+    assert kinds("--cpu-variants", "none") == []
+    assert kinds("--tensorrt") == []  # engines for a GPU: no CPU variant unless asked
+    assert kinds("--tensorrt", "--cpu-variants", "int8,int4") == ["int8", "int4"]
 
 
 def test_export_flag_rejects_unknown_variants_and_needs_the_same_path(cpu_bundle, tmp_path, capsys):

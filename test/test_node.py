@@ -262,7 +262,7 @@ def cluster(model, tmp_path_factory):
     })
     rate = NodeProcess("/omnirate", logs, params={
         "model": model, "camera_names": ["cam"], "cameras": {"cam": {"topic": "/omnirate/cam/image_raw"}},
-        "describe_rate_hz": 4.0, "max_new_tokens": 4, "max_frame_age_s": -1.0,
+        "describe_rate_hz": 4.0, "max_new_tokens": 4, "max_frame_age_s": -1.0, "task": "ocr",
     })
     timeout = NodeProcess("/omnitimeout", logs, params={
         "model": model, "camera_names": ["cam"], "cameras": {"cam": {"topic": "/omnitimeout/cam/image_raw"}},
@@ -502,15 +502,25 @@ def test_bad_requests_are_refused_with_reasons(cluster, main):
     assert_ok(main.ask("Is the door open?"), main)
 
 
-def test_scene_descriptions_at_rate(cluster):
+def test_scene_descriptions_at_rate(cluster, model):
     rate = cluster["rate"]
     ros = cluster["ros"]
-    msg = frame(ros, "cam", scene(30, (90, 30, 200)))
+    pixels = scene(30, (90, 30, 200))
+    msg = frame(ros, "cam", pixels)
     rate.put_frame("cam", "/omnirate/cam/image_raw", msg, timeout_s=DEADLINE_S)
     described = ros.wait_for(lambda: [d for d in rate.descriptions if d.header == msg.header], DEADLINE_S,
                              "a scene description of the frame")
     first = described[0]
     assert first.camera == "cam" and first.text and first.timing.new_tokens == 4
+    # This node runs task ocr: its descriptions are the OCR prompt's answers, not describe_prompt's.
+    from omnivision_ros.runtime.factory import open_model
+    from omnivision_ros.runtime.pipeline import Pipeline
+
+    backend, tokenizer = open_model(model)
+    ocr = Pipeline(backend, tokenizer, task="ocr").ask(pixels, "", max_new_tokens=4)
+    vqa = Pipeline(backend, tokenizer).ask(pixels, "Describe this image.", max_new_tokens=4)
+    assert first.text == ocr.text != vqa.text
+    assert first.timing.prompt_tokens == ocr.timing.prompt_tokens
     time.sleep(1.0)  # four more ticks: the frame is not described again
     assert len([d for d in rate.descriptions if d.header == msg.header]) == 1
     newer = frame(ros, "cam", scene(31, (30, 200, 90)))

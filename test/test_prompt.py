@@ -80,3 +80,61 @@ def test_visible_answer_hides_a_partial_header():
     assert visible_answer("<|im_start|>assis") == ""
     assert visible_answer("<|im_start|>assistant\nThe") == "The"
     assert visible_answer("The cup") == "The cup"
+
+
+# --- the OCR variant's prompt ------------------------------------------------------------------------
+
+# omni-vlm-wrapper.cpp (NexaAI/llama.cpp), the prompt for omni_vlm_version "vlm-81-ocr", byte for byte.
+RELEASED_OCR = (
+    "<|im_start|>system\nYou are Nano-Omni-VLM, created by Nexa AI. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n <|ocr_start|><|vision_start|><|image_pad|><|vision_end|><|ocr_end|><|im_end|>"
+)
+
+
+def expanded_reference(tokenizer, text, config):
+    """`text` tokenized whole with its special tokens recognised, as llama.cpp does, <|image_pad|> -> 81 rows."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_str(tokenizer.to_json()).encode(text, add_special_tokens=False).ids
+    pad = reference.index(151655)
+    return reference[:pad] + list(range(config.lm_vocab, config.lm_vocab + 81)) + reference[pad + 1:]
+
+
+def test_exact_ocr_prompt_string():
+    assert prompt_text(task="ocr") == RELEASED_OCR
+    assert prompt_text("ignored", task="ocr") == RELEASED_OCR
+    with pytest.raises(OmniVisionError, match="unknown task 'caption'"):
+        prompt_text("x", task="caption")
+
+
+def test_ocr_token_layout_matches_tokenizing_the_released_string(tokenizer, tiny_config):
+    builder = PromptBuilder(tokenizer, tiny_config, "ocr")
+    assert tokenizer.find("<|ocr_start|>") is None  # not a Qwen2.5 token: its text is tokenized
+    ids = builder.build("").ids
+    assert ids.tolist() == expanded_reference(tokenizer, RELEASED_OCR, tiny_config)
+    assert builder.prefix_ids[-1] == VISION_END_ID and ids[-1] == IM_END_ID
+    vqa = PromptBuilder(tokenizer, tiny_config).build("What is written here?").ids
+    assert ids[:5].tolist() == vqa[:5].tolist() and len(ids) != len(vqa)
+
+
+def test_ocr_markers_that_are_tokens_use_their_ids(tiny_config):
+    import json
+
+    from omnivision_ros.model.tokenizer import TextTokenizer, synthetic_tokenizer_json
+
+    data = json.loads(synthetic_tokenizer_json())
+    for text, tid in (("<|ocr_start|>", 151665), ("<|ocr_end|>", 151666)):
+        data["added_tokens"].append({"id": tid, "content": text, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
+    marked = TextTokenizer.from_json(json.dumps(data))
+    builder = PromptBuilder(marked, tiny_config, "ocr")
+    ids = builder.build("").ids.tolist()
+    assert ids == expanded_reference(marked, RELEASED_OCR, tiny_config)
+    assert ids.count(151665) == 1 and ids.count(151666) == 1
+    assert ids[ids.index(151665) + 1] == VISION_START_ID and ids[-2:] == [151666, IM_END_ID]
+
+
+def test_ocr_prompt_takes_no_question(tokenizer, tiny_config):
+    builder = PromptBuilder(tokenizer, tiny_config, "ocr")
+    assert builder.question_ids("").tolist() == builder.question_ids("What does the sign say?").tolist()
+    assert builder.question_ids("")[-1] == IM_END_ID

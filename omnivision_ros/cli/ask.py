@@ -6,6 +6,7 @@ import sys
 import time
 
 from omnivision_ros.errors import OmniVisionError, run_command
+from omnivision_ros.model.prompt import TASKS
 from omnivision_ros.model.variants import PRECISIONS
 from omnivision_ros.runtime.backend import BACKENDS
 
@@ -16,7 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--model", help="preset name, folder with the two GGUF files, or model bundle (default: tiny)")
     where.add_argument("--preset", help="preset name (tiny, omnivision-968m); random weights")
     parser.add_argument("--image", required=True, help="image file (jpg, png, ...)")
-    parser.add_argument("question", help="the question about the image")
+    parser.add_argument("question", nargs="?", default="", help="the question about the image (not with --task ocr)")
+    parser.add_argument("--task", default="vqa", choices=TASKS, help=(
+        "vqa: answer the question (default); ocr: the OCR variant's prompt, which reads the image's text "
+        "and takes no question"))
+    parser.add_argument("--lm-file", default=None, metavar="NAME", help=(
+        "language-model file of a GGUF folder that holds several (default: the F16 one of the first release)"))
+    parser.add_argument("--mmproj-file", default=None, metavar="NAME", help=(
+        "mmproj file of a GGUF folder that holds several (default: the f16 one of the language model's release)"))
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 256")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -37,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from omnivision_ros.runtime.generator import GenerationConfig
     from omnivision_ros.runtime.pipeline import Pipeline
 
-    if not args.question.strip():
+    def note(line: str) -> None:
+        print(f"[omnivision] {line}", file=sys.stderr)
+
+    if args.task == "ocr":
+        if args.question.strip():
+            note("task ocr: the OCR prompt has no question; the question given is not used")
+    elif not args.question.strip():
         raise OmniVisionError("the question is empty")
     image = load_image(args.image)
     gen = GenerationConfig(
@@ -48,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
     ).validate()
     t0 = time.perf_counter()
     backend, tokenizer = open_model(
-        args.model or args.preset or "tiny", args.backend, args.threads, precision=args.precision,
-        log=lambda line: print(f"[omnivision] {line}", file=sys.stderr),
+        args.model or args.preset or "tiny", args.backend, args.threads, precision=args.precision, log=note,
+        lm_file=args.lm_file, mmproj_file=args.mmproj_file,
     )
     load_s = time.perf_counter() - t0
-    pipeline = Pipeline(backend, tokenizer, gen)
+    pipeline = Pipeline(backend, tokenizer, gen, task=args.task)
 
     printed = 0
 

@@ -101,10 +101,11 @@ def prepare(work: Path, preset: str, seed: int, variants: list[str], llama: bool
     bundle = work / "bundle"
     manifest_path = bundle / "manifest.json"
     gpu = "gpu-int4" in variants
+    kinds = [v for v in variants if v in ("int8", "int4")]
     if not manifest_path.is_file() or (gpu and "fp16" not in json.loads(manifest_path.read_text())["variants"]):
         _run_step(["omnivision_ros.export.cli", "--model", str(f16), "--out", str(bundle), "--force",
-                   *(["--fp16"] if gpu else [])], "exporting the bundle from the F16 GGUF files")
-    kinds = [v for v in variants if v in ("int8", "int4")]
+                   "--cpu-variants", ",".join(kinds) or "none", *(["--fp16"] if gpu else [])],
+                  "exporting the bundle from the F16 GGUF files")
     manifest = json.loads(manifest_path.read_text())
     missing = [k for k in kinds if variant_spec(k).name not in manifest["variants"]]
     if missing:

@@ -24,10 +24,30 @@ from omnivision_ros.model.tokenizer import synthetic_tokenizer_json
 from omnivision_ros.model.tokens import ADDED_TOKENS, ENDOFTEXT_ID, IM_END_ID, LAST_ADDED_ID
 
 DTYPES = ("f16", "f32", "q8_0")
-LM_FILE = {"f16": "Nano-Vlm-Processor-494M-F16.gguf", "f32": "Nano-Vlm-Processor-494M-F32.gguf",
-           "q8_0": "Nano-Vlm-Processor-494M-Q8_0.gguf"}
-MMPROJ_FILE = {"f16": "mmproj-omni-vlm-f16.gguf", "f32": "mmproj-omni-vlm-f32.gguf",
-               "q8_0": "mmproj-omni-vlm-q8_0.gguf"}
+# release -> (language-model file, mmproj file) by dtype. The Hugging Face repo's names where it has the file
+# (Nano-Vlm-Processor-494M-F16/-Q8_0, mmproj-omni-vlm-f16, omnivision-text-optimized-llm-f16/-Q8_0,
+# omnivision-text-optimized-mmproj-f16/-f32), the same style for the others. The OCR variant is not on
+# Hugging Face; its names here follow Nexa's hub (omnivision-ocr: model-fp16, projector-fp16).
+FILE_NAMES = {
+    "omnivision": (
+        {"f16": "Nano-Vlm-Processor-494M-F16.gguf", "f32": "Nano-Vlm-Processor-494M-F32.gguf",
+         "q8_0": "Nano-Vlm-Processor-494M-Q8_0.gguf"},
+        {"f16": "mmproj-omni-vlm-f16.gguf", "f32": "mmproj-omni-vlm-f32.gguf", "q8_0": "mmproj-omni-vlm-q8_0.gguf"},
+    ),
+    "text-optimized": (
+        {"f16": "omnivision-text-optimized-llm-f16.gguf", "f32": "omnivision-text-optimized-llm-f32.gguf",
+         "q8_0": "omnivision-text-optimized-llm-Q8_0.gguf"},
+        {"f16": "omnivision-text-optimized-mmproj-f16.gguf", "f32": "omnivision-text-optimized-mmproj-f32.gguf",
+         "q8_0": "omnivision-text-optimized-mmproj-Q8_0.gguf"},
+    ),
+    "ocr": (
+        {"f16": "omnivision-ocr-model-fp16.gguf", "f32": "omnivision-ocr-model-fp32.gguf",
+         "q8_0": "omnivision-ocr-model-q8_0.gguf"},
+        {"f16": "omnivision-ocr-projector-fp16.gguf", "f32": "omnivision-ocr-projector-fp32.gguf",
+         "q8_0": "omnivision-ocr-projector-q8_0.gguf"},
+    ),
+}
+RELEASES = tuple(FILE_NAMES)
 
 def tensor_type(name: str, ndim: int, row: int, dtype: str):
     """GGML type the release uses for a tensor: matrices in the file's dtype, 1-D tensors F32.
@@ -106,8 +126,11 @@ def _file_type(dtype: str) -> int:
 
 
 def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny", dtype: str = "f16",
-                     seed: int = 0, progress: bool = False) -> tuple[Path, Path]:
-    """Write OmniVisionModel.random(config, seed) as (language-model GGUF, mmproj GGUF) into out_dir."""
+                     seed: int = 0, progress: bool = False, release: str = "omnivision",
+                     add_bos: bool | None = False) -> tuple[Path, Path]:
+    """Write OmniVisionModel.random(config, seed) as (language-model GGUF, mmproj GGUF) into out_dir.
+
+    release names the files (FILE_NAMES); add_bos is the tokenizer.ggml.add_bos_token value (None: key left out)."""
     import torch
 
     from omnivision_ros.model.gguf_loader import model_tensor
@@ -117,6 +140,8 @@ def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny
         config = get_preset(config)
     if dtype not in DTYPES:
         raise OmniVisionError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if release not in FILE_NAMES:
+        raise OmniVisionError(f"unknown release '{release}'; choose one of {', '.join(RELEASES)}")
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +187,8 @@ def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny
         w.add_eos_token_id(IM_END_ID)
         w.add_pad_token_id(ENDOFTEXT_ID)
         w.add_bos_token_id(ENDOFTEXT_ID)
-        w.add_add_bos_token(False)
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
 
     # mmproj file: exactly the keys of Nexa's convert_image_encoder_to_gguf.py.
     def mmproj_metadata(w) -> None:
@@ -197,7 +223,7 @@ def write_test_model(out_dir: str | Path, config: OmniVisionConfig | str = "tiny
         shape = gguf_names.unused_shape(name, config.vit_hidden, config.vit_mlp)
         mm_tensors.append((name, shape, tensor_type(name, len(shape), shape[-1], dtype), head(name, shape)))
 
-    lm_path, mmproj_path = out_dir / LM_FILE[dtype], out_dir / MMPROJ_FILE[dtype]
+    lm_path, mmproj_path = (out_dir / names[dtype] for names in FILE_NAMES[release])
     lm_tensors = planned(gguf_names.lm_names(config.lm_layers, config.lm_tie_embeddings))
     try:
         _write(lm_path, "qwen2", lm_metadata, lm_tensors, progress)
@@ -237,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--dtype", default="f16", choices=DTYPES, help="matrices' type (default f16, as released)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--release", default="omnivision", choices=RELEASES, help=(
+        "file names: omnivision (Nano-Vlm-Processor-494M-*, mmproj-omni-vlm-*; default), text-optimized, ocr"))
     return parser
 
 
@@ -245,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         t0 = time.perf_counter()
-        for path in write_test_model(args.out, args.preset, args.dtype, args.seed, progress=True):
+        for path in write_test_model(args.out, args.preset, args.dtype, args.seed, progress=True,
+                                     release=args.release):
             print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
         print(f"written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         return 0

@@ -1,10 +1,11 @@
 """Load the released OmniVision-968M weights from their two GGUF files into the model (OmniVisionModel).
 
-A folder holds one language-model file (arch `qwen2`, e.g. `Nano-Vlm-Processor-494M-F16.gguf`,
-which also carries the tokenizer) and one mmproj file (arch `siglip`, `mmproj-omni-vlm-f16.gguf`:
-SigLIP tower + compressed projector). Files are told apart by `general.architecture`, not by name.
-The config comes from the files' metadata, the tokenizer from `tokenizer.ggml.*`, and every tensor
-goes through the name tables of gguf_names.py with its shape checked before anything is copied.
+A model is one language-model file (arch `qwen2`, e.g. `Nano-Vlm-Processor-494M-F16.gguf`, which also
+carries the tokenizer) and one mmproj file (arch `siglip`, `mmproj-omni-vlm-f16.gguf`: SigLIP tower +
+compressed projector). Files are told apart by `general.architecture`, not by name; a folder holding
+several of a role (the Hugging Face repo as downloaded) is resolved by gguf_files.py. The config comes
+from the files' metadata, the tokenizer from `tokenizer.ggml.*`, and every tensor's name, shape and type
+is checked against the tables of gguf_names.py before the tokenizer, torch or the model are touched.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import mmap
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
@@ -21,6 +23,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model import gguf_names
 from omnivision_ros.model.config import PRESETS, OmniVisionConfig
+from omnivision_ros.model.gguf_files import Choice, choose
 from omnivision_ros.model.tokenizer import TextTokenizer, bytes_to_unicode, tokenizer_json
 from omnivision_ros.model.tokens import REQUIRED_TOKENS, STOP_TOKEN_IDS
 
@@ -70,6 +73,87 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 
+class _HeaderReader:
+    """Metadata fields of a GGUF header in a buffer; positions are byte offsets. Raises ValueError/struct.error."""
+
+    def __init__(self, buf):
+        self.buf = buf
+
+    def counts(self) -> tuple[int, int]:
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", self.buf, 4)
+        if version & 0xFFFF == 0:
+            raise ValueError("big-endian GGUF files are not supported")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        return n_tensors, n_kv
+
+    def string(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self.buf, pos)
+        end = pos + 8 + n
+        if end > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        return self.buf[pos + 8:end].decode("utf-8"), end
+
+    def value(self, kind: int, pos: int):
+        if kind == _STRING:
+            return self.string(pos)
+        if kind == _ARRAY:
+            item_kind, count = struct.unpack_from("<IQ", self.buf, pos)
+            pos += 12
+            if item_kind in _SCALARS:
+                item = struct.calcsize(_SCALARS[item_kind])
+                if pos + count * item > len(self.buf):
+                    raise ValueError("array runs past the end of the file")
+                values = np.frombuffer(self.buf, "<" + _SCALARS[item_kind], count, pos).tolist()
+                return values, pos + count * item
+            values = []
+            for _ in range(count):
+                v, pos = self.value(item_kind, pos)
+                values.append(v)
+            return values, pos
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        fmt = "<" + _SCALARS[kind]
+        return struct.unpack_from(fmt, self.buf, pos)[0], pos + struct.calcsize(fmt)
+
+    def field(self, pos: int):
+        """(key, value, position after it)."""
+        key, pos = self.string(pos)
+        (kind,) = struct.unpack_from("<I", self.buf, pos)
+        value, pos = self.value(kind, pos + 4)
+        return key, value, pos
+
+
+def _check_magic(path: Path) -> None:
+    if not path.is_file():
+        raise OmniVisionError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise OmniVisionError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+
+
+def read_architecture(path: str | Path) -> str:
+    """`general.architecture` of a GGUF file ("" if absent). Writers put it first, so choosing among a
+    folder's files reads a few bytes of each instead of every header (a vocabulary is ~0.07 s)."""
+    path = Path(path)
+    _check_magic(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            reader = _HeaderReader(buf)
+            _, n_kv = reader.counts()
+            pos = 24
+            for _ in range(n_kv):
+                key, value, pos = reader.field(pos)
+                if key == "general.architecture":
+                    return str(value)
+    except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as exc:
+        raise OmniVisionError(
+            f"{path}: cannot read the GGUF header, the file is truncated or corrupt ({exc})"
+        ) from exc
+    return ""
+
+
 class GGUFFile:
     """One GGUF file: metadata values, tensor infos by name, tensors as arrays. Errors name the file.
 
@@ -80,13 +164,8 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise OmniVisionError(f"{self.path}: file not found")
+        _check_magic(self.path)
         self.size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise OmniVisionError(f"{self.path}: not a GGUF file (it does not start with the GGUF magic)")
         try:
             self._parse()
         except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as exc:
@@ -101,50 +180,16 @@ class GGUFFile:
 
     def _parse(self) -> None:
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version & 0xFFFF == 0:
-                raise ValueError("big-endian GGUF files are not supported")
-            if version not in (2, 3):
-                raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+            reader = _HeaderReader(buf)
+            n_tensors, n_kv = reader.counts()
             pos = 24
-
-            def string(pos):
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                end = pos + 8 + n
-                if end > len(buf):
-                    raise ValueError("string runs past the end of the file")
-                return buf[pos + 8:end].decode("utf-8"), end
-
-            def value(kind, pos):
-                if kind == _STRING:
-                    return string(pos)
-                if kind == _ARRAY:
-                    item_kind, count = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    if item_kind in _SCALARS:
-                        item = struct.calcsize(_SCALARS[item_kind])
-                        if pos + count * item > len(buf):
-                            raise ValueError("array runs past the end of the file")
-                        values = np.frombuffer(buf, "<" + _SCALARS[item_kind], count, pos).tolist()
-                        return values, pos + count * item
-                    values = []
-                    for _ in range(count):
-                        v, pos = value(item_kind, pos)
-                        values.append(v)
-                    return values, pos
-                if kind not in _SCALARS:
-                    raise ValueError(f"unknown metadata value type {kind}")
-                fmt = "<" + _SCALARS[kind]
-                return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-
             self.fields = {}
             for _ in range(n_kv):
-                key, pos = string(pos)
-                (kind,) = struct.unpack_from("<I", buf, pos)
-                self.fields[key], pos = value(kind, pos + 4)
+                key, value, pos = reader.field(pos)
+                self.fields[key] = value
             self.tensors = {}
             for _ in range(n_tensors):
-                name, pos = string(pos)
+                name, pos = reader.string(pos)
                 (n_dims,) = struct.unpack_from("<I", buf, pos)
                 dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
                 raw_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
@@ -214,7 +259,8 @@ class TensorInfo:
     n_bytes: int
 
 
-def _open_pair(folder: str | Path) -> tuple[GGUFFile, GGUFFile]:
+def select_gguf_files(folder: str | Path, lm_file: str | None = None, mmproj_file: str | None = None) -> Choice:
+    """The language model and mmproj to load from `folder` (gguf_files.py: roles by header, choice by name)."""
     folder = Path(folder)
     if not folder.exists():
         raise OmniVisionError(f"model folder {folder} does not exist")
@@ -225,27 +271,21 @@ def _open_pair(folder: str | Path) -> tuple[GGUFFile, GGUFFile]:
         raise OmniVisionError(f"{folder} holds no .gguf files (expected {RELEASED_LM} and {RELEASED_MMPROJ})")
     lms, mmprojs = [], []
     for path in paths:
-        f = GGUFFile(path)
-        if f.architecture == LM_ARCH:
-            lms.append(f)
-        elif f.architecture in MMPROJ_ARCHS:
-            _check_omni_projector(f)
-            mmprojs.append(f)
+        arch = read_architecture(path)
+        if arch == LM_ARCH:
+            lms.append(path)
+        elif arch in MMPROJ_ARCHS:
+            mmprojs.append(path)
         else:
             raise OmniVisionError(
-                f"{path}: a GGUF of architecture '{f.architecture or '(none)'}'; OmniVision needs a '{LM_ARCH}' "
+                f"{path}: a GGUF of architecture '{arch or '(none)'}'; OmniVision needs a '{LM_ARCH}' "
                 f"language model ({RELEASED_LM}) and a 'siglip' mmproj ({RELEASED_MMPROJ})"
             )
     for found, what, example in ((lms, "language-model", RELEASED_LM), (mmprojs, "mmproj", RELEASED_MMPROJ)):
         if not found:
-            others = ", ".join(f.path.name for f in lms + mmprojs)
+            others = ", ".join(p.name for p in lms + mmprojs)
             raise OmniVisionError(f"{folder} has no {what} GGUF (e.g. {example}); found only {others}")
-        if len(found) > 1:
-            raise OmniVisionError(
-                f"{folder} holds several {what} GGUF files ({', '.join(f.path.name for f in found)}); "
-                "keep one language model and one mmproj per folder"
-            )
-    return lms[0], mmprojs[0]
+    return choose(folder, lms, mmprojs, lm_file, mmproj_file)
 
 
 def _check_omni_projector(f: GGUFFile) -> None:
@@ -268,10 +308,10 @@ def _check_omni_projector(f: GGUFFile) -> None:
         )
 
 
-def find_gguf_files(folder: str | Path) -> tuple[Path, Path]:
-    """(language-model path, mmproj path) of the GGUF pair in `folder`."""
-    lm, mmproj = _open_pair(folder)
-    return lm.path, mmproj.path
+def find_gguf_files(folder: str | Path, lm_file: str | None = None, mmproj_file: str | None = None) -> tuple[Path, Path]:
+    """(language-model path, mmproj path) to load from `folder`."""
+    choice = select_gguf_files(folder, lm_file, mmproj_file)
+    return choice.lm, choice.mmproj
 
 
 def config_from_gguf(lm_path: str | Path, mmproj_path: str | Path) -> OmniVisionConfig:
@@ -398,7 +438,16 @@ def _tokenizer(lm: GGUFFile) -> TextTokenizer:
         if tid is not None and not 0 <= tid < len(tokens):
             raise OmniVisionError(f"{lm.path}: {key} {tid} is outside the {len(tokens)}-token vocabulary")
 
-    data = tokenizer_json(regular, merges, specials, added)
+    # llama.cpp starts a prompt with BOS only when the file asks for it: add_bos_token is false when absent
+    # for gpt2-type vocabularies, and Qwen2.5's (bos_token null) never sets it. The tokenizer carries the
+    # choice (TextTokenizer.bos_ids), so a bundle exported from this file keeps it.
+    bos = None
+    if lm.value("tokenizer.ggml.add_bos_token", False):
+        bos_id = lm.value("tokenizer.ggml.bos_token_id", None)
+        if bos_id is None:
+            raise OmniVisionError(f"{lm.path}: tokenizer.ggml.add_bos_token is set but bos_token_id is missing")
+        bos = (tokens[bos_id], bos_id)
+    data = tokenizer_json(regular, merges, specials, added, bos=bos)
     try:
         tokenizer = TextTokenizer.from_json(json.dumps(data, ensure_ascii=False))
     except Exception as exc:  # tokenizers raises plain Exception subclasses on bad merges
@@ -420,11 +469,11 @@ def model_tensor(model, target: str):
     return tensor[model.get_submodule(name.rsplit(".", 1)[0]).part(part)]
 
 
-def _plan(f: GGUFFile, names: dict[str, str], model, unused=()) -> None:
-    """Check names, shapes and types of a whole file before any weight is copied."""
+def _plan(f: GGUFFile, names: dict[str, str], shapes: dict[str, tuple[int, ...]], unused=()) -> None:
+    """Check names, shapes and types of a whole file against the tables, before anything is built or copied."""
     for gguf_name, target in names.items():
         shape = f.shape(gguf_name)  # raises if missing
-        expected = tuple(model_tensor(model, target).shape)
+        expected = shapes[gguf_name]
         if shape != expected:
             raise OmniVisionError(
                 f"{f.path}: tensor '{gguf_name}' has shape {list(shape)}, expected {list(expected)} ({target})"
@@ -461,26 +510,48 @@ def covered_parameters(names: dict[str, str]) -> dict[str, set]:
     return covered
 
 
-def load_gguf_model(folder: str | Path):
-    """(OmniVisionModel, TextTokenizer) from a folder holding the language-model and mmproj GGUF files."""
-    from omnivision_ros.model.vision_language_model import OmniVisionModel
-
-    lm, mmproj = _open_pair(folder)
+def check_gguf_files(lm: GGUFFile, mmproj: GGUFFile) -> OmniVisionConfig:
+    """The config of a pair of files whose every tensor name, shape and type has been checked (no torch)."""
     config = _config(lm, mmproj)
+    shapes = gguf_names.expected_shapes(config)
+    _plan(lm, gguf_names.lm_names(config.lm_layers, config.lm_tie_embeddings), shapes)
+    _plan(mmproj, gguf_names.mmproj_names(config.vit_layers), shapes, unused=gguf_names.MMPROJ_UNUSED)
+    n_tokens = len(lm.value("tokenizer.ggml.tokens", []))
+    if n_tokens > config.lm_vocab:
+        raise OmniVisionError(
+            f"{lm.path}: {n_tokens} tokens but token_embd has rows for {config.lm_vocab}: ids past it have no embedding"
+        )
+    return config
+
+
+def load_gguf_model(folder: str | Path, lm_file: str | None = None, mmproj_file: str | None = None,
+                    log: Callable[[str], None] | None = None):
+    """(OmniVisionModel, TextTokenizer) from a folder holding the language-model and mmproj GGUF files.
+
+    lm_file / mmproj_file choose among several files of a role (names in the folder); `log` receives the
+    line saying which files were used and why. Every tensor's name, shape and type is checked against
+    the tables before the tokenizer and the model are built, so a wrong file fails in a fraction of a
+    second instead of after the model's allocation."""
+    choice = select_gguf_files(folder, lm_file, mmproj_file)
+    if log is not None:
+        log(choice.describe())
+    lm, mmproj = GGUFFile(choice.lm), GGUFFile(choice.mmproj)
+    config = check_gguf_files(lm, mmproj)
     tokenizer = _tokenizer(lm)
+
+    from omnivision_ros.model.vision_language_model import OmniVisionModel  # torch: once the files are known good
+
     model = OmniVisionModel.empty(config)  # every parameter is overwritten from the files
     lm_names = gguf_names.lm_names(config.lm_layers, config.lm_tie_embeddings)
     mm_names = gguf_names.mmproj_names(config.vit_layers)
-    _check_coverage(model, {**lm_names, **mm_names})
-    _plan(lm, lm_names, model)
-    _plan(mmproj, mm_names, model, unused=gguf_names.MMPROJ_UNUSED)
+    _check_coverage(model, {**lm_names, **mm_names}, gguf_names.expected_shapes(config))
     _copy(lm, lm_names, model)
     _copy(mmproj, mm_names, model)
     return model.eval(), tokenizer
 
 
-def _check_coverage(model, names: dict[str, str]) -> None:
-    """Every parameter is written whole or by all of its parts: no weight is left uninitialised."""
+def _check_coverage(model, names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every parameter is written whole or by all of its parts, each with the shape the files were held to."""
     covered = covered_parameters(names)
     problems = sorted(set(covered) ^ {name for name, _ in model.named_parameters()})
     for name, parts in covered.items():
@@ -488,5 +559,8 @@ def _check_coverage(model, names: dict[str, str]) -> None:
             owner = model.get_submodule(name.rsplit(".", 1)[0])
             if parts != set(owner.parts):
                 problems.append(f"{name} parts {sorted(parts)}")
+    for gguf_name, target in names.items():
+        if tuple(model_tensor(model, target).shape) != shapes[gguf_name]:
+            problems.append(f"{gguf_name} shape {shapes[gguf_name]} vs {target} {tuple(model_tensor(model, target).shape)}")
     if problems:
         raise RuntimeError(f"GGUF name tables and model parameters disagree: {problems[:5]}")

@@ -90,6 +90,78 @@ MMPROJ_UNUSED = {
 }
 
 
+# Shapes (NumPy order) of every tensor above, by dimension names that `dimensions(config)` resolves. The
+# loader holds a file to them before it builds the tokenizer or the model, so a wrong file fails in a
+# fraction of a second; test_gguf.py holds them to the model's own parameter shapes.
+LM_SHAPES = {
+    "token_embd.weight":             ("vocab", "hidden"),
+    "blk.{bid}.attn_norm.weight":    ("hidden",),
+    "blk.{bid}.attn_q.weight":       ("q", "hidden"),
+    "blk.{bid}.attn_q.bias":         ("q",),
+    "blk.{bid}.attn_k.weight":       ("kv", "hidden"),
+    "blk.{bid}.attn_k.bias":         ("kv",),
+    "blk.{bid}.attn_v.weight":       ("kv", "hidden"),
+    "blk.{bid}.attn_v.bias":         ("kv",),
+    "blk.{bid}.attn_output.weight":  ("hidden", "q"),
+    "blk.{bid}.ffn_norm.weight":     ("hidden",),
+    "blk.{bid}.ffn_gate.weight":     ("ffn", "hidden"),
+    "blk.{bid}.ffn_up.weight":       ("ffn", "hidden"),
+    "blk.{bid}.ffn_down.weight":     ("hidden", "ffn"),
+    "output_norm.weight":            ("hidden",),
+    "output.weight":                 ("vocab", "hidden"),
+}
+
+MMPROJ_SHAPES = {
+    "v.patch_embd.weight":           ("h", "rgb", "patch", "patch"),
+    "v.patch_embd.bias":             ("h",),
+    "v.position_embd.weight":        ("patches", "h"),
+    "v.blk.{bid}.attn_q.weight":     ("h", "h"),
+    "v.blk.{bid}.attn_q.bias":       ("h",),
+    "v.blk.{bid}.attn_k.weight":     ("h", "h"),
+    "v.blk.{bid}.attn_k.bias":       ("h",),
+    "v.blk.{bid}.attn_v.weight":     ("h", "h"),
+    "v.blk.{bid}.attn_v.bias":       ("h",),
+    "v.blk.{bid}.attn_out.weight":   ("h", "h"),
+    "v.blk.{bid}.attn_out.bias":     ("h",),
+    "v.blk.{bid}.ln1.weight":        ("h",),
+    "v.blk.{bid}.ln1.bias":          ("h",),
+    "v.blk.{bid}.ffn_down.weight":   ("m", "h"),
+    "v.blk.{bid}.ffn_down.bias":     ("m",),
+    "v.blk.{bid}.ffn_up.weight":     ("h", "m"),
+    "v.blk.{bid}.ffn_up.bias":       ("h",),
+    "v.blk.{bid}.ln2.weight":        ("h",),
+    "v.blk.{bid}.ln2.bias":          ("h",),
+    "v.post_ln.weight":              ("h",),
+    "v.post_ln.bias":                ("h",),
+    "mm.0.weight":                   ("mp_hidden", "mp_in"),
+    "mm.0.bias":                     ("mp_hidden",),
+    "mm.2.weight":                   ("hidden", "mp_hidden"),
+    "mm.2.bias":                     ("hidden",),
+}
+
+
+def dimensions(config) -> dict[str, int]:
+    """Dimension name -> size for the shape tables (config: an OmniVisionConfig)."""
+    c = config
+    return {
+        "vocab": c.lm_vocab, "hidden": c.lm_hidden, "q": c.lm_heads * c.lm_head_dim,
+        "kv": c.lm_kv_heads * c.lm_head_dim, "ffn": c.lm_ffn,
+        "h": c.vit_hidden, "3h": 3 * c.vit_hidden, "m": c.vit_mlp, "rgb": 3, "patch": c.vit_patch_size,
+        "patches": c.vit_tokens, "mp_in": c.mp_in, "mp_hidden": c.mp_hidden,
+    }
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> NumPy shape of every tabled tensor of both files, for the model `config` describes."""
+    sizes = dimensions(config)
+    shapes = {}
+    for table, n_blocks in ((LM_SHAPES, config.lm_layers), (MMPROJ_SHAPES, config.vit_layers)):
+        for name, dims in table.items():
+            for bid in range(n_blocks) if "{bid}" in name else (None,):
+                shapes[name.format(bid=bid)] = tuple(sizes[d] for d in dims)
+    return shapes
+
+
 def expand(table: dict[str, str], n_blocks: int) -> dict[str, str]:
     """Table with `{bid}` entries repeated for blocks 0..n_blocks-1, in table order."""
     out = {}

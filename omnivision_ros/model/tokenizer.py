@@ -48,10 +48,20 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def tokenizer_json(tokens: list[str], merges: list[str], specials: dict[str, int],
-                   added: dict[str, int] | None = None) -> dict:
+                   added: dict[str, int] | None = None, bos: tuple[str, int] | None = None) -> dict:
     """HF `tokenizers` JSON for a Qwen2-style byte-level BPE. tokens[i] is the string of regular id i;
-    `specials` are control tokens (never produced from user text), `added` plain added tokens."""
+    `specials` are control tokens (never produced from user text), `added` plain added tokens; `bos`
+    (text, id), when given, is prepended to every encoding with special tokens (TextTokenizer.bos_ids)."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    post_processor = byte_level
+    if bos is not None:
+        text, tid = bos
+        single = [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+        post_processor = {
+            "type": "TemplateProcessing", "single": single,
+            "pair": single + [{"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {text: {"id": text, "ids": [tid], "tokens": [text]}},
+        }
     return {
         "version": "1.0",
         "truncation": None,
@@ -70,7 +80,7 @@ def tokenizer_json(tokens: list[str], merges: list[str], specials: dict[str, int
                 byte_level,
             ],
         },
-        "post_processor": byte_level,
+        "post_processor": post_processor,
         "decoder": byte_level,
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
@@ -179,6 +189,15 @@ class TextTokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+
+    @property
+    def bos_ids(self) -> list[int]:
+        """What starts every prompt: [BOS] when the vocabulary asks for it (tokenizer.ggml.add_bos_token), else []."""
+        return self._tok.encode("", add_special_tokens=True).ids
+
+    def find(self, token: str) -> int | None:
+        """The id of `token` as one vocabulary entry, or None."""
+        return self._tok.token_to_id(token)
 
     def token_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from rcl_interfaces.msg import ParameterDescriptor
 
 from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.prompt import TASKS
 
 TRANSPORTS = ("raw", "compressed")
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -25,6 +26,12 @@ PARAMETERS = (
     ("threads", 0, "CPU threads for inference; 0 = the library default."),
     ("precision", "", "Bundle variant to run: fp32, fp16, int8, int4; empty = the backend's default "
                       "(int8 on the CPU when the bundle has it, else fp32; fp16 on a GPU)."),
+    ("task", "vqa", "vqa: answer the question of each request; ocr: the OCR model's prompt, which reads the "
+                    "image's text and has no question (requests' questions and describe_prompt are not used)."),
+    ("lm_file", "", "Language-model file of a GGUF folder that holds several; empty = the F16 one of the first "
+                    "release (Nano-Vlm-Processor-494M-F16.gguf)."),
+    ("mmproj_file", "", "mmproj file of a GGUF folder that holds several; empty = the f16 one of the language "
+                        "model's release."),
     ("camera_names", ["camera"], "Names of the cameras; each needs cameras.<name>.topic (and optionally "
                                  "cameras.<name>.transport)."),
     ("default_camera", "", "Camera used when a request leaves `camera` empty; empty = the first of camera_names."),
@@ -59,6 +66,9 @@ class NodeConfig:
     backend: str
     threads: int | None
     precision: str | None
+    task: str
+    lm_file: str | None
+    mmproj_file: str | None
     cameras: tuple[CameraConfig, ...]
     default_camera: str
     describe_prompt: str
@@ -125,6 +135,8 @@ def declare_and_read(node) -> NodeConfig:
     default_camera = values["default_camera"] or names[0]
     if default_camera not in names:
         raise OmniVisionError(f"default_camera '{default_camera}' is not one of camera_names {names}")
+    if values["task"] not in TASKS:
+        raise OmniVisionError(f"task is '{values['task']}'; choose one of {', '.join(TASKS)}")
     if values["backend"] not in BACKENDS:
         raise OmniVisionError(f"backend is '{values['backend']}'; choose one of {', '.join(BACKENDS)}")
     for name in ("queue_size", "max_new_tokens", "max_image_pixels", "question_max_chars"):
@@ -143,6 +155,9 @@ def declare_and_read(node) -> NodeConfig:
         backend=str(values["backend"]),
         threads=int(values["threads"]) or None,
         precision=str(values["precision"]) or None,
+        task=str(values["task"]),
+        lm_file=str(values["lm_file"]) or None,
+        mmproj_file=str(values["mmproj_file"]) or None,
         cameras=tuple(cameras),
         default_camera=default_camera,
         describe_prompt=str(values["describe_prompt"]),

@@ -19,13 +19,20 @@ def open_model(
     seed: int = 0,
     precision: str | None = None,
     log: Callable[[str], None] | None = None,
+    lm_file: str | None = None,
+    mmproj_file: str | None = None,
 ) -> tuple[Backend, TextTokenizer]:
     """Return (backend, tokenizer) for `model`: a preset name, a folder of GGUF files, or a bundle.
 
-    precision picks a bundle variant (fp32, fp16, ...; None = the backend's default); `log` receives
-    one-line notes such as which backend was chosen and why."""
+    precision picks a bundle variant (fp32, fp16, ...; None = the backend's default); lm_file / mmproj_file
+    pick files of a GGUF folder that holds several (None = the default choice, model/gguf_files.py);
+    `log` receives one-line notes such as which backend and which files were chosen and why."""
     if backend not in BACKENDS:
         raise OmniVisionError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if (lm_file or mmproj_file) and not any(Path(model).glob("*.gguf")):
+        raise OmniVisionError(
+            f"lm_file / mmproj_file choose among the GGUF files of a folder; '{model}' is not a folder of GGUF files"
+        )
     if precision and not (Path(model) / MANIFEST).is_file():
         raise OmniVisionError(
             f"precision '{precision}' selects a variant of an exported bundle; '{model}' is not a bundle "
@@ -60,9 +67,11 @@ def open_model(
             )
         _require_torch(f"the GGUF folder {model}")
         from omnivision_ros.model.gguf_loader import load_gguf_model
+
+        # The files are checked before torch is imported: a wrong file fails in a fraction of a second.
+        loaded, tokenizer = load_gguf_model(path, lm_file, mmproj_file, log)
         from omnivision_ros.runtime.torch_backend import TorchBackend
 
-        loaded, tokenizer = load_gguf_model(path)
         return TorchBackend(loaded, threads), tokenizer
     raise OmniVisionError(f"{model} holds no model this version can load (expected a preset name)")
 

@@ -115,11 +115,13 @@ class Pipeline:
         generation: GenerationConfig | None = None,
         vision_cache_size: int = 8,
         prefix_cache_size: int = 4,
+        task: str = "vqa",
     ):
+        """task: "vqa" (answer the question) or "ocr" (the OCR variant's prompt, which has no question)."""
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
-        self.prompts = PromptBuilder(tokenizer, self.config)
+        self.prompts = PromptBuilder(tokenizer, self.config, task)
         self.generation = (generation or GenerationConfig()).validate()
         self.vision_cache = LRUCache(vision_cache_size)
         self.prefix_cache = LRUCache(prefix_cache_size, on_evict=lambda s: s.close())
@@ -155,7 +157,8 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Answer:
-        """Answer a question about one image. `on_text` receives the answer so far after each token."""
+        """Answer a question about one image (task ocr: read its text; `question` is not used).
+        `on_text` receives the answer so far after each token."""
         start = time.perf_counter()
         gen = generation or self.generation
         if max_new_tokens:
