@@ -137,7 +137,6 @@ def token_loop(n: int, delay: float = 0.01):
         while done < n and not job.should_stop():
             time.sleep(delay)
             done += 1
-            job.events.put(done)
         return (model, done)
     return work
 
