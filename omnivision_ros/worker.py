@@ -251,7 +251,7 @@ class InferenceWorker(Generic[Model]):
             self._finish(job, ERROR, f"internal error: {type(exc).__name__}: {exc}")
             return
         if job.cancel_requested:
-            self._finish(job, CANCELLED, "canceled")
+            self._finish(job, CANCELLED, "the node is shutting down" if self.state == STOPPED else "canceled")
         elif job.expired():
             self._finish(job, TIMED_OUT, f"timed out after {job.timeout_s:g} s (request_timeout_s); "
                                          "generation was stopped, ask for fewer tokens or raise the timeout")

@@ -239,7 +239,11 @@ def test_launch_file_compiles_and_declares_its_arguments():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             calls.setdefault(node.func.id, []).append(node)
     arguments = {c.args[0].value for c in calls["DeclareLaunchArgument"]}
-    assert arguments == {"params_file", "namespace", "camera_topic"}
+    assert arguments == {"params_file", "namespace", "camera_topic", "dds_profile"}
+    # The dds_profile names it accepts are shipped profiles.
+    (profiles,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and any(getattr(t, "id", "") == "DDS_PROFILES" for t in n.targets)]
+    assert {ast.literal_eval(v) for v in profiles.values} == {p.name for p in (ROOT / "config").glob("fastdds_*.xml")}
     (node_call,) = calls["Node"]
     keywords = {k.arg: k.value for k in node_call.keywords}
     for key, value in {"package": "omnivision_ros", "executable": "omnivision_node", "name": "omnivision_node"}.items():
