@@ -12,6 +12,7 @@ the executor thread with `call_soon` (a guard condition).
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 import rclpy
@@ -195,6 +196,9 @@ def main(args=None) -> int:
         print(f"{NODE_NAME}: error: {exc}", file=sys.stderr)
         code = 2
     finally:
+        # Shutting down takes at most ~15 s (bounded waits below); a second Ctrl-C must not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if node is not None:
             node.close(5.0 if spinner.spinning else 0.0)
         spinner.stop()
