@@ -50,6 +50,7 @@ class Reply:
     answer: str = ""
     stop_reason: str = ""
     timing: dict = field(default_factory=dict)  # omnivision_interfaces/Timing field -> value
+    result: object = None  # what the work returned (an Answer for Ask/Describe/Query), for other kinds
 
     def fill(self, msg):
         """Copy into an Ask/Describe response or a Query result (the same fields); returns msg."""
@@ -242,7 +243,8 @@ class Orchestrator:
     def reply(self, request: Request, frame: Frame, job: Job) -> Reply:
         """The Reply of a finished job, logged."""
         camera = frame.camera
-        reply = Reply(job.state == DONE, job.error, camera, job.state, frame.msg.header, timing=self.timing(job))
+        reply = Reply(job.state == DONE, job.error, camera, job.state, frame.msg.header, timing=self.timing(job),
+                      result=job.result)
         if isinstance(job.result, Answer):
             reply.answer, reply.stop_reason = job.result.text, job.result.stop_reason
         stamp = f"{frame.msg.header.stamp.sec}.{frame.msg.header.stamp.nanosec:09d}"

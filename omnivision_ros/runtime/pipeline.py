@@ -111,7 +111,7 @@ def frame_digest(image: np.ndarray) -> str:
 
 # A picture, or a function producing it: called only when the frame's embeddings are not cached,
 # so a second question about a frame skips converting it (the caller then passes a frame_key).
-Image = Union[np.ndarray, Callable[[], np.ndarray]]
+ImageSource = Union[np.ndarray, Callable[[], np.ndarray]]
 
 
 class Pipeline:
@@ -133,7 +133,7 @@ class Pipeline:
         self.vision_cache = LRUCache(vision_cache_size)
         self.prefix_cache = LRUCache(prefix_cache_size, on_evict=lambda s: s.close())
 
-    def image_embeddings(self, image: Image, key: Hashable, color_order: str = "bgr") -> tuple[np.ndarray, bool]:
+    def image_embeddings(self, image: ImageSource, key: Hashable, color_order: str = "bgr") -> tuple[np.ndarray, bool]:
         """[mp_tokens, lm_hidden] embeddings of a frame, from the cache when possible."""
         cached = self.vision_cache.get(key)
         if cached is not None:
@@ -156,7 +156,7 @@ class Pipeline:
 
     def ask(
         self,
-        image: Image,
+        image: ImageSource,
         question: str,
         *,
         frame_key: Hashable | None = None,
