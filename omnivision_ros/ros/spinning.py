@@ -59,6 +59,8 @@ class CallSoon:
 def init_ros(args=None) -> None:
     """rclpy.init without rclpy's signal handlers: Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt
     in the main thread (see Spinner), which ends the requests in flight, then shuts down."""
+    # Both explicitly: a process started in the background of a shell inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         from rclpy.signals import SignalHandlerOptions
