@@ -15,6 +15,7 @@ console_scripts = [
     'omnivision_node = omnivision_ros.node:main',
     'omnivision-demo = omnivision_ros.demo:main',
     'omnivision-bench = omnivision_ros.cli.bench:main',
+    'omnivision-bench-intake = omnivision_ros.cli.bench_intake:main',
 ]
 
 setup(
@@ -26,7 +27,7 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
-        ('share/' + package_name + '/config', glob('config/*.yaml')),
+        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')),
     ],
     install_requires=['setuptools'],
     # llama.cpp is a baseline of omnivision-bench only; it compiles from source (~20 min on 2 cores).

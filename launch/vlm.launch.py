@@ -5,6 +5,7 @@
         camera_topic:=/front_camera/color/image_raw
     ros2 launch omnivision_ros vlm.launch.py model:=/path/to/bundle \
         cameras:=front=/front/image_raw,back=/back/image_raw/compressed
+    ros2 launch omnivision_ros vlm.launch.py model:=/path/to/bundle dds_profile:=large_data   # 640x480+ raw frames
     ros2 launch omnivision_ros vlm.launch.py --show-args
 
 An argument left empty keeps the value of params_file (the shipped config/omnivision.yaml by
@@ -15,7 +16,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -37,7 +38,27 @@ ARGUMENTS = (
     ("log_level", "info", "Log level of the node: debug, info, warn, error, fatal"),
     ("respawn", "false", "Restart the node when it exits (true/false)"),
     ("respawn_delay", "2.0", "Seconds to wait before restarting the node (with respawn:=true)"),
+    ("dds_profile", "", "Fast DDS profile for the node: large_data (Jazzy and later) or shm (Humble) for raw "
+                        "frames of 640x480 and more, or a path to an XML profile; empty = none. The camera "
+                        "driver needs the same profile (docs/node.md, Camera intake)"),
 )
+# Shipped Fast DDS profiles (config/*.xml).
+DDS_PROFILES = {"large_data": "fastdds_large_data.xml", "shm": "fastdds_shm.xml"}
+
+
+def dds_profile_environment(profile: str) -> list:
+    """The dds_profile argument as the variable Fast DDS reads: FASTRTPS_DEFAULT_PROFILES_FILE (2.x:
+    Humble, Jazzy), FASTDDS_DEFAULT_PROFILES_FILE (3.x: Kilted on); both where ROS_DISTRO is not set
+    (3.x reads both, warning about the old name)."""
+    if not profile:
+        return []
+    if profile in DDS_PROFILES:
+        profile = os.path.join(get_package_share_directory("omnivision_ros"), "config", DDS_PROFILES[profile])
+    distro = os.environ.get("ROS_DISTRO", "")
+    names = ["FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"]
+    if distro:
+        names = names[1:] if distro in ("humble", "iron", "jazzy") else names[:1]
+    return [SetEnvironmentVariable(name, profile) for name in names]
 
 
 def launch_node(context):
@@ -50,7 +71,7 @@ def launch_node(context):
         respawn_delay = float(value("respawn_delay"))
     except ValueError:
         raise ValueError(f"respawn_delay is '{value('respawn_delay')}'; give seconds, e.g. 2.0") from None
-    return [Node(
+    return dds_profile_environment(value("dds_profile")) + [Node(
         package="omnivision_ros",
         executable="omnivision_node",
         name="omnivision_node",

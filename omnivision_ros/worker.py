@@ -4,14 +4,16 @@ Plain Python (no ROS). The thread first loads the model (so the caller comes up 
 model or a TensorRT engine is still loading), then runs queued jobs one at a time. A job has a
 deadline covering queue and run time and a cancel flag; `Job.should_stop()` is meant to be
 checked once per generated token, so cancel and timeout stop generation at the next token.
+Deadlines of waiting jobs are enforced by a watchdog thread that sleeps until the next one, so
+nobody has to poll. Every ending is reported once, through the job's `on_done` callback.
 """
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
+import traceback
 from typing import Callable, Generic, TypeVar
 
 from omnivision_ros.errors import OmniVisionError
@@ -20,9 +22,6 @@ Model = TypeVar("Model")
 
 LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
 QUEUED, RUNNING, DONE, ERROR, CANCELLED, TIMED_OUT = "queued", "running", "done", "error", "cancelled", "timed_out"
-FINAL_STATES = (DONE, ERROR, CANCELLED, TIMED_OUT)
-
-_log = logging.getLogger(__name__)
 
 
 class Job:
@@ -40,8 +39,6 @@ class Job:
         self.state = QUEUED
         self.result: object = None
         self.error = ""
-        # Progress from the work function (e.g. streamed text); None marks the end.
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
 
@@ -73,15 +70,23 @@ class Job:
         return end - self.submitted
 
 
+def _log_error(message: str) -> None:
+    logging.getLogger(__name__).error(message)
+
+
 class InferenceWorker(Generic[Model]):
     """Loads a model with `load()` on its own thread, then runs submitted jobs one at a time.
 
     At most `queue_size` jobs wait behind the running one; `submit` refuses more with an
     OmniVisionError saying so. After a failed load every submit raises with the load error.
+    A running job that ignores its deadline for `grace_s` more seconds is reported as timed out
+    (the model keeps the thread until it returns). `log` receives unexpected failures with
+    their traceback (the node passes its ROS logger).
     """
 
     def __init__(self, load: Callable[[], Model], queue_size: int, name: str = "omnivision-worker",
-                 on_loaded: Callable[["InferenceWorker"], None] | None = None):
+                 on_loaded: Callable[["InferenceWorker"], None] | None = None,
+                 log: Callable[[str], None] = _log_error, grace_s: float = 10.0):
         if queue_size < 1:
             raise OmniVisionError(f"queue_size must be at least 1, got {queue_size}")
         self.queue_size = queue_size
@@ -90,15 +95,19 @@ class InferenceWorker(Generic[Model]):
         self.load_s = 0.0
         self.model: Model | None = None
         self.running: Job | None = None
+        self.grace_s = grace_s
         self._load = load
         self._on_loaded = on_loaded
+        self._log = log
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._started_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"{name}-deadlines", daemon=True)
 
     def start(self) -> "InferenceWorker[Model]":
         self._thread.start()
+        self._watchdog.start()
         return self
 
     @property
@@ -108,16 +117,27 @@ class InferenceWorker(Generic[Model]):
             return len(self._waiting)
 
     @property
+    def idle(self) -> bool:
+        """Model loaded, nothing running and nothing waiting."""
+        with self._cond:
+            return self.state == READY and self.running is None and not self._waiting
+
+    @property
     def loading_s(self) -> float:
         return time.monotonic() - self._started_at if self.state == LOADING else self.load_s
 
     def submit(self, work: Callable[[Model, Job], object], timeout_s: float | None = None,
-               on_done: Callable[[Job], None] | None = None) -> Job:
+               on_done: Callable[[Job], None] | None = None, only_if_idle: bool = False) -> Job:
+        """Queue `work`; OmniVisionError when it cannot be accepted. `only_if_idle` is for
+        low-priority work (periodic jobs): it is refused unless the model is loaded and has
+        nothing running or waiting, so it never delays a request by more than its own run."""
         with self._cond:
             if self.state == FAILED:
                 raise OmniVisionError(f"the model is not loaded: {self.load_error}")
             if self.state == STOPPED:
                 raise OmniVisionError("the node is shutting down")
+            if only_if_idle and (self.state != READY or self.running is not None or self._waiting):
+                raise OmniVisionError("the model is busy")
             if len(self._waiting) >= self.queue_size:
                 raise OmniVisionError(
                     f"queue full ({len(self._waiting)} waiting); retry later or raise the queue_size parameter")
@@ -136,27 +156,10 @@ class InferenceWorker(Generic[Model]):
                 return
         self._finish(job, CANCELLED, "canceled before it started")
 
-    def wait(self, job: Job, poll_s: float = 0.1, grace_s: float = 10.0) -> Job:
-        """Block until the job ends. A job past its deadline while still queued ends here (the worker
-        may be busy loading); a running one gets `grace_s` to notice the deadline at its next token."""
-        while not job.wait(poll_s):
-            self.expire(job, grace_s)
+    def wait(self, job: Job, timeout_s: float | None = None) -> Job:
+        """Block until the job ends (or `timeout_s` passes) and return it."""
+        job.wait(timeout_s)
         return job
-
-    def expire(self, job: Job, grace_s: float = 10.0) -> None:
-        """End `job` as timed out if it is past its deadline and still waiting (or stuck running past grace)."""
-        now = time.monotonic()
-        if not job.expired(now) or job.done:
-            return
-        with self._cond:
-            waiting = job in self._waiting
-            if waiting:
-                self._waiting.remove(job)
-        if waiting:
-            self._finish(job, TIMED_OUT, self._queue_timeout_reason(job))
-        elif job.deadline is not None and now > job.deadline + grace_s:
-            self._finish(job, TIMED_OUT, f"timed out after {job.timeout_s:g} s (request_timeout_s); "
-                                         "the model did not stop in time")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Refuse new jobs, end waiting ones, stop the running one at its next token, join the thread."""
@@ -188,7 +191,7 @@ class InferenceWorker(Generic[Model]):
         except Exception as exc:  # any load failure leaves the node up, reporting it
             reason = str(exc) if isinstance(exc, OmniVisionError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, OmniVisionError):
-                _log.exception("model load failed")
+                self._log(f"model load failed:\n{traceback.format_exc()}")
             self._fail_load(reason, time.monotonic() - t0)
             return
         with self._cond:
@@ -197,6 +200,7 @@ class InferenceWorker(Generic[Model]):
             if self.state == STOPPED:
                 return
             self.state = READY
+            self._cond.notify_all()
         if self._on_loaded is not None:
             self._on_loaded(self)
         while True:
@@ -212,6 +216,7 @@ class InferenceWorker(Generic[Model]):
             finally:
                 with self._cond:
                     self.running = None
+                    self._cond.notify_all()
 
     def _fail_load(self, reason: str, load_s: float) -> None:
         with self._cond:
@@ -221,6 +226,7 @@ class InferenceWorker(Generic[Model]):
                 self.state = FAILED
             waiting = list(self._waiting)
             self._waiting.clear()
+            self._cond.notify_all()
         for job in waiting:
             self._finish(job, ERROR, f"the model is not loaded: {reason}")
         if self._on_loaded is not None:
@@ -241,28 +247,55 @@ class InferenceWorker(Generic[Model]):
             self._finish(job, ERROR, str(exc))
             return
         except Exception as exc:  # a bug must not kill the worker: report it and keep serving
-            _log.exception("inference failed")
+            self._log(f"inference failed:\n{traceback.format_exc()}")
             self._finish(job, ERROR, f"internal error: {type(exc).__name__}: {exc}")
             return
         if job.cancel_requested:
-            self._finish(job, CANCELLED, "canceled")
+            self._finish(job, CANCELLED, "the node is shutting down" if self.state == STOPPED else "canceled")
         elif job.expired():
             self._finish(job, TIMED_OUT, f"timed out after {job.timeout_s:g} s (request_timeout_s); "
                                          "generation was stopped, ask for fewer tokens or raise the timeout")
         else:
             self._finish(job, DONE, "")
 
+    def _watch(self) -> None:
+        """Deadline watchdog: ends waiting jobs at their deadline (the worker may be busy with a long
+        job or still loading) and reports a running job that overran its deadline by grace_s."""
+        while True:
+            expired, stuck = [], None
+            with self._cond:
+                if self.state in (STOPPED, FAILED):
+                    return
+                now = time.monotonic()
+                expired = [job for job in self._waiting if job.expired(now)]
+                for job in expired:
+                    self._waiting.remove(job)
+                running = self.running
+                if running is not None and running.deadline is not None and not running.done \
+                        and now >= running.deadline + self.grace_s:
+                    stuck = running
+                deadlines = [job.deadline for job in self._waiting if job.deadline is not None]
+                if running is not None and running.deadline is not None and not running.done:
+                    deadlines.append(running.deadline + (self.grace_s if now >= running.deadline else 0.0))
+                if not expired and stuck is None:
+                    self._cond.wait(max(min(deadlines) - now, 0.001) if deadlines else None)
+                    continue
+            for job in expired:
+                self._finish(job, TIMED_OUT, self._queue_timeout_reason(job))
+            if stuck is not None:
+                self._finish(stuck, TIMED_OUT, f"timed out after {stuck.timeout_s:g} s (request_timeout_s); "
+                                               "the model did not stop in time")
+
     def _finish(self, job: Job, state: str, error: str) -> None:
         with self._cond:
             if job.done:
-                return  # the first ending wins (e.g. expired by a waiter, then finished by the worker)
+                return  # the first ending wins (e.g. expired by the watchdog, then finished by the worker)
             job.state = state
             job.error = error
             job.finished = time.monotonic()
             job._done.set()
-        job.events.put(None)
         if job.on_done is not None:
             try:
                 job.on_done(job)
             except Exception:
-                _log.exception("job completion callback failed")
+                self._log(f"job completion callback failed:\n{traceback.format_exc()}")

@@ -34,7 +34,16 @@ SHIPPED_CONFIG = ROOT / "config" / "omnivision.yaml"
 DEADLINE_S = 60.0
 CLI_S = 30.0
 LAUNCH_ARGUMENTS = {"model", "precision", "backend", "camera_topic", "cameras", "namespace", "params_file",
-                    "log_level", "respawn", "respawn_delay"}
+                    "log_level", "respawn", "respawn_delay", "dds_profile"}
+# A Fast DDS profile that changes nothing about the transports (the test's own participants have no
+# profile): dds_profile is checked to reach the node's environment without changing discovery.
+NEUTRAL_PROFILE = """<?xml version="1.0" encoding="UTF-8" ?>
+<dds xmlns="http://www.eprosima.com">
+  <profiles>
+    <participant profile_name="omnivision_launch_test" is_default_profile="true"><rtps/></participant>
+  </profiles>
+</dds>
+"""
 HEAVY_MODULES = ("torch", "transformers")
 
 
@@ -362,10 +371,13 @@ class TestServing:
     @pytest.fixture(scope="class")
     @classmethod
     def launched(cls, workspace, tiny_bundle, params_file, cameras):
+        profile = params_file.parent / "neutral_profile.xml"
+        profile.write_text(NEUTRAL_PROFILE)
         launch = workspace.launch("serving", {
             "model": str(tiny_bundle), "precision": "fp32", "backend": "onnxruntime",
             "cameras": f"front={cls.FRONT},back={cls.BACK}", "namespace": cls.NAMESPACE,
             "params_file": str(params_file), "log_level": "info", "respawn": "true", "respawn_delay": "0.5",
+            "dds_profile": str(profile),
         })
         try:
             launch.wait_for("model ready")
@@ -373,7 +385,7 @@ class TestServing:
         finally:
             launch.stop()
 
-    def test_every_argument_reaches_the_node(self, workspace, launched, tiny_bundle):
+    def test_every_argument_reaches_the_node(self, workspace, launched, tiny_bundle, params_file):
         node = f"{self.NAMESPACE}/omnivision_node"
         output = workspace.run(["ros2", "param", "get", "--no-daemon", "--timeout", "10", node, "model"])
         assert output.strip() == f"String value is: {tiny_bundle}"
@@ -385,6 +397,12 @@ class TestServing:
                                      "back": {"topic": self.BACK, "transport": "compressed"}}
         assert params["max_new_tokens"] == self.MAX_NEW_TOKENS  # from params_file
         assert "backend: onnxruntime (requested)" in launched.text()
+        # dds_profile reaches the node process's environment.
+        pid = launched.node_pids()[-1]
+        environ = dict(entry.split("=", 1) for entry in
+                       Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in entry)
+        profile_vars = {k: v for k, v in environ.items() if k.endswith("_DEFAULT_PROFILES_FILE")}
+        assert profile_vars and set(profile_vars.values()) == {str(params_file.parent / "neutral_profile.xml")}
 
     def test_service_call_answers_about_the_camera_frame(self, workspace, launched, tiny_bundle):
         output = workspace.run(["ros2", "service", "call", f"{self.NAMESPACE}/omnivision_node/ask",

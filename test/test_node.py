@@ -2,16 +2,21 @@
 node as subprocesses called over real DDS on loopback (domain and discovery range from conftest.py).
 
 Node processes (started together, shared by the tests): `main` (four cameras, queue_size 1),
-`rate` (describe_rate_hz > 0), `timeout` (request_timeout_s shorter than any generation) and
-`missing` (a model path that does not exist, with the shipped config/omnivision.yaml). The model is the tiny preset exported to a
+`rate` (describe_rate_hz > 0), `timeout` (request_timeout_s shorter than any generation; a second
+camera made reliable by a qos_overrides parameter) and `missing` (a model path that does not
+exist, with the shipped config/omnivision.yaml). The model is the tiny preset exported to a
 bundle (ONNX Runtime; conftest's tiny_bundle).
 """
 from __future__ import annotations
 
+import array
+import math
+import signal
 import struct
 import threading
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import cv2
 import numpy as np
@@ -19,6 +24,7 @@ import pytest
 import yaml
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from ros_helpers import Client, Diagnostics, NodeProcess, values
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -26,9 +32,14 @@ from omnivision_interfaces.action import Query
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.ros.client import BackgroundNode, compressed_msg, image_msg, stamp
-from omnivision_ros.ros.image_convert import to_bgr
+from omnivision_ros.ros.image_convert import color_order, to_bgr, to_pixels
 from omnivision_ros.ros.params import PARAMETERS
 from omnivision_ros.worker import CANCELLED, DONE, ERROR, FAILED, READY, TIMED_OUT, InferenceWorker
+
+try:
+    from rclpy.event_handler import PublisherEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import PublisherEventCallbacks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 30.0
@@ -39,6 +50,7 @@ MAIN_CAMERAS = {
     "silent": "/omnitest/silent/image_raw",
 }
 MISSING_MODEL = "/nonexistent/omnivision-bundle"
+RELIABLE_TOPIC = "/omnitimeout/rel/image_raw"
 
 
 def scene(seed: int, color, size=(240, 320)) -> np.ndarray:
@@ -125,6 +137,20 @@ def test_compressed_images():
         to_bgr(CompressedImage(format="jpeg", data=jpeg.tobytes()), max_pixels=100)
 
 
+def test_pixels_keep_the_camera_channel_order_without_copies():
+    bgr = scene(5, (10, 20, 30), (6, 8))
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    for encoding, pixels, order in (("bgr8", bgr, "bgr"), ("rgb8", rgb, "rgb")):
+        msg = raw(pixels, encoding)
+        msg.data = array.array("B", msg.data)  # as rclpy delivers uint8[] fields
+        out = to_pixels(msg)
+        assert color_order(msg) == order and np.array_equal(out, pixels)
+        assert np.shares_memory(out, np.frombuffer(msg.data, np.uint8)), encoding  # a view, not a copy
+    rgba = np.concatenate([rgb, np.full((6, 8, 1), 7, np.uint8)], axis=2)
+    assert color_order(raw(rgba, "rgba8")) == "rgb" and np.array_equal(to_pixels(raw(rgba, "rgba8")), rgb)
+    assert color_order(CompressedImage(format="jpeg")) == "bgr"
+
+
 # --- worker (no ROS) --------------------------------------------------------------------------
 
 
@@ -135,7 +161,6 @@ def token_loop(n: int, delay: float = 0.01):
         while done < n and not job.should_stop():
             time.sleep(delay)
             done += 1
-            job.events.put(done)
         return (model, done)
     return work
 
@@ -226,7 +251,50 @@ def test_worker_load_failure_is_reported_to_every_request():
     worker.stop()
 
 
+def test_worker_low_priority_deadlines_logs_and_shutdown():
+    logged = []
+    worker = InferenceWorker(lambda: "model", 1, log=logged.append).start()
+    while worker.state != READY:
+        time.sleep(0.005)
+    assert worker.wait(worker.submit(token_loop(2, 0), only_if_idle=True), 5.0).state == DONE
+    running = worker.submit(token_loop(1000))
+    while running.started is None:
+        time.sleep(0.005)
+    with pytest.raises(OmniVisionError, match="the model is busy"):
+        worker.submit(token_loop(1, 0), only_if_idle=True)
+    # Nobody waits on this job: the worker's own watchdog ends it at its deadline and reports it.
+    ended = threading.Event()
+    queued = worker.submit(token_loop(1, 0), timeout_s=0.1, on_done=lambda job: ended.set())
+    assert ended.wait(2.0) and queued.state == TIMED_OUT and queued.started is None
+    worker.cancel(running)
+
+    def broken(model, job):
+        raise ValueError("boom")
+
+    assert worker.wait(worker.submit(broken), 5.0).state == ERROR
+    assert any("Traceback" in m and "ValueError: boom" in m for m in logged)  # to the node's logger
+    last = worker.submit(token_loop(1000))
+    while last.started is None:
+        time.sleep(0.005)
+    worker.stop()
+    assert last.state == CANCELLED and last.error == "the node is shutting down"
+
+
 # --- the shipped config ----------------------------------------------------------------------------
+
+
+def test_shipped_fast_dds_profiles():
+    ns = {"dds": "http://www.eprosima.com"}
+    large = ElementTree.parse(ROOT / "config" / "fastdds_large_data.xml").getroot()
+    (participant,) = large.findall("dds:profiles/dds:participant", ns)
+    assert participant.get("is_default_profile") == "true"
+    assert participant.find("dds:rtps/dds:builtinTransports", ns).text == "LARGE_DATA"
+    shm = ElementTree.parse(ROOT / "config" / "fastdds_shm.xml").getroot()
+    segments = [int(d.find("dds:segment_size", ns).text) for d in shm.iter(f"{{{ns['dds']}}}transport_descriptor")
+                if d.find("dds:type", ns).text == "SHM"]
+    assert segments and segments[0] >= 4 * 1280 * 720 * 3  # a few 720p bgr8 frames in flight
+    (participant,) = shm.findall("dds:profiles/dds:participant", ns)
+    assert participant.find("dds:rtps/dds:useBuiltinTransports", ns).text == "false"
 
 
 def test_config_documents_every_parameter():
@@ -265,8 +333,10 @@ def cluster(model, tmp_path_factory):
         "describe_rate_hz": 4.0, "max_new_tokens": 4, "max_frame_age_s": -1.0, "task": "ocr",
     })
     timeout = NodeProcess("/omnitimeout", logs, params={
-        "model": model, "camera_names": ["cam"], "cameras": {"cam": {"topic": "/omnitimeout/cam/image_raw"}},
+        "model": model, "camera_names": ["cam", "rel"],
+        "cameras": {"cam": {"topic": "/omnitimeout/cam/image_raw"}, "rel": {"topic": RELIABLE_TOPIC}},
         "request_timeout_s": 0.01,
+        "qos_overrides": {RELIABLE_TOPIC: {"subscription": {"reliability": "reliable", "depth": 2}}},
     })
     missing = NodeProcess("/omnimissing", logs, params_file=ROOT / "config" / "omnivision.yaml",
                           overrides={"model": MISSING_MODEL})
@@ -402,6 +472,8 @@ def test_action_streams_feedback(cluster, main):
     # the result, so on a loaded machine the last ones may be missing here.
     assert feedback and [f.tokens for f in feedback] == list(range(1, len(feedback) + 1))
     assert all(result.result.answer.startswith(f.text) for f in feedback)
+    # The text only grows, by each feedback's delta: a streaming client can append the deltas.
+    assert all(b.text == a.text + b.delta for a, b in zip([Query.Feedback()] + feedback, feedback))
 
 
 def test_action_cancel_stops_generation(cluster, main):
@@ -434,6 +506,91 @@ def test_queue_full_is_refused(cluster, main):
     assert main.ros.wait_future(handle.get_result_async(), DEADLINE_S, "result").status == GoalStatus.STATUS_CANCELED
     waited = next(f for f in pending if f is not first_done[0])
     assert_ok(main.ros.wait_future(waited, DEADLINE_S, "queued ask"), main)
+
+
+class Streaming:
+    """Publishes a frame on each of `cameras` at `rate_hz` from a thread, like running cameras (320x240:
+    this client runs with the default transports, which lose most larger frames; see test_intake.py)."""
+
+    def __init__(self, client: Client, cameras: dict[str, str], rate_hz: float = 15.0):
+        self.client, self.rate_hz = client, rate_hz
+        ros = client.ros
+        self.messages = {topic: frame(ros, name, scene(50 + i, (40 * i, 90, 200)))
+                         for i, (name, topic) in enumerate(cameras.items())}
+        self.publishers = {topic: client.publisher(topic) for topic in cameras.values()}
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0 / self.rate_hz):
+            for topic, msg in self.messages.items():
+                msg.header.stamp = self.client.ros.now()
+                self.publishers[topic].publish(msg)
+            self.sent += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+
+def test_requests_are_served_while_two_cameras_stream(cluster, main):
+    with Streaming(main, {"front": MAIN_CAMERAS["front"], "back": MAIN_CAMERAS["back"]}) as cameras:
+        main.ros.wait_for(lambda: cameras.sent > 5, 10.0, "frames streaming")
+        for camera in ("front", "back", "front"):
+            answer = main.ask("Is the door open?", camera=camera, max_new_tokens=4)
+            assert_ok(answer, main)
+            assert answer.header.frame_id == f"{camera}_optical" and answer.timing.new_tokens == 4
+        # Streamed generation, then cancel: it stops at the next token.
+        feedback = []
+        handle = send_goal(main, "Is the door open?", 320, feedback)
+        main.ros.wait_for(lambda: len(feedback) >= 3, 10.0, "feedback while cameras stream")
+        t0 = time.monotonic()
+        main.ros.wait_future(handle.cancel_goal_async(), DEADLINE_S, "cancel")
+        result = main.ros.wait_future(handle.get_result_async(), DEADLINE_S, "query result")
+        assert time.monotonic() - t0 < 1.0 and result.status == GoalStatus.STATUS_CANCELED
+        assert 3 <= result.result.timing.new_tokens < 320
+        # Beyond the queue (one running, queue_size 1 waiting): refused at once.
+        handle = send_goal(main, "Is the door open?", 320, feedback := [])
+        main.ros.wait_for(lambda: feedback, 10.0, "generation started")
+        pending = [main.ask_async("Is the door open?", camera="back") for _ in range(2)]
+        first_done = main.ros.wait_for(lambda: [f for f in pending if f.done()], 10.0, "a refusal")
+        assert "queue full (1 waiting)" in first_done[0].result().error
+        main.ros.wait_future(handle.cancel_goal_async(), DEADLINE_S, "cancel")
+        waited = next(f for f in pending if f is not first_done[0])
+        assert_ok(main.ros.wait_future(waited, DEADLINE_S, "queued ask"), main)
+        status = values(cluster["diagnostics"].wait("/omnitest/omnivision_node: camera back",
+                                                    lambda s: float(values(s)["rate_hz"]) > 5, 10.0, main.node))
+        assert int(status["frames_received"]) > 10
+
+
+def test_qos_override_makes_a_camera_subscription_reliable(cluster):
+    ros = cluster["ros"]
+
+    def subscription(topic):
+        return next((info for info in ros.node.get_subscriptions_info_by_topic(topic)
+                     if info.node_namespace == "/omnitimeout"), None)
+
+    default = ros.wait_for(lambda: subscription("/omnitimeout/cam/image_raw"), DEADLINE_S, "the default camera")
+    overridden = ros.wait_for(lambda: subscription(RELIABLE_TOPIC), DEADLINE_S, "the overridden camera")
+    assert default.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT
+    assert overridden.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+    # What that means to a camera: a reliable publisher matches, a best-effort one is incompatible.
+    incompatible = []
+    reliable = ros.node.create_publisher(Image, RELIABLE_TOPIC, QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE))
+    best_effort = ros.node.create_publisher(Image, RELIABLE_TOPIC, qos_profile_sensor_data,
+                                            event_callbacks=PublisherEventCallbacks(incompatible_qos=incompatible.append))
+    try:
+        ros.wait_for(lambda: reliable.get_subscription_count() == 1, DEADLINE_S, "the reliable publisher matching")
+        ros.wait_for(lambda: incompatible, DEADLINE_S, "the best-effort publisher's incompatible-QoS event")
+        assert best_effort.get_subscription_count() == 0
+    finally:
+        ros.node.destroy_publisher(reliable)
+        ros.node.destroy_publisher(best_effort)
 
 
 def test_request_timeout(cluster):
@@ -469,6 +626,9 @@ def test_bad_requests_are_refused_with_reasons(cluster, main):
         # Within question_max_chars (1000) but beyond the tiny model's context of 512 tokens.
         (main.ask("The quick brown fox jumps over the lazy dog. " * 20), "the question is too long"),
         (main.ask("Is the door open?", max_new_tokens=100_000), "exceed the context"),
+        (main.ask("Is the door open?", max_age_s=math.nan), "max_age_s is nan; pass seconds"),
+        (main.ask("Is the door open?", max_age_s=math.inf), "max_age_s is inf; pass seconds"),
+        (main.describe(max_age_s=-math.inf), "max_age_s is -inf; pass seconds"),
     ]
     for response, reason in cases:
         assert not response.success and reason in response.error, (reason, response.error)
@@ -546,7 +706,17 @@ def test_missing_bundle_keeps_node_up_and_reports_it(cluster):
     assert missing.node.alive()
 
 
-def test_nodes_shut_down_cleanly_on_sigint(cluster):
+def test_nodes_shut_down_cleanly_on_sigint(cluster, main):
+    # A goal still generating when Ctrl-C comes gets its answer before the node exits.
+    main.put_frame("front", MAIN_CAMERAS["front"], frame(cluster["ros"], "front", scene(60, (7, 7, 7))))
+    feedback = []
+    handle = send_goal(main, "Is the door open?", 320, feedback)
+    result = handle.get_result_async()
+    main.ros.wait_for(lambda: feedback, 10.0, "generation started")
+    main.node.proc.send_signal(signal.SIGINT)
+    result = main.ros.wait_future(result, DEADLINE_S, "the result of the goal in flight")
+    assert result.status == GoalStatus.STATUS_ABORTED and result.result.error == "the node is shutting down"
+    assert 1 <= result.result.timing.new_tokens < 320
     for name in ("main", "rate", "timeout", "missing"):
         process = cluster[name].node
         assert process.stop() == 0, process.log_tail()

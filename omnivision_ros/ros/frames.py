@@ -14,7 +14,6 @@ class Frame:
     msg: object  # sensor_msgs Image or CompressedImage, not decoded yet
     camera: str
     seq: int  # per-camera receive counter
-    received: float  # time.monotonic() at arrival
     received_ns: int  # node clock at arrival (nanoseconds), for frames stamped 0
 
     @property
@@ -50,7 +49,7 @@ class CameraFeed:
         now = time.monotonic()
         with self._lock:
             self.count += 1
-            self._latest = Frame(msg, self.name, self.count, now, now_ns)
+            self._latest = Frame(msg, self.name, self.count, now_ns)
             self._arrivals.append(now)
 
     def latest(self) -> Frame | None:

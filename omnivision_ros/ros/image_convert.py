@@ -1,4 +1,4 @@
-"""sensor_msgs Image / CompressedImage -> BGR uint8 array [H, W, 3], with strict validation.
+"""sensor_msgs Image / CompressedImage -> uint8 array [H, W, 3] (RGB or BGR), with strict validation.
 
 The one adapter between ROS image messages and the model. Works on the message's fields only
 (no rclpy), so it is the same for real ROS 2 installs and the PyPI wheels. Raw images go
@@ -35,11 +35,32 @@ RAW_ENCODINGS = {
 BRIDGE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 
 
+# Raw encodings kept in RGB order by to_pixels (the model wants RGB: no RGB -> BGR -> RGB round trip).
+RGB_ENCODINGS = ("rgb8", "rgba8")
+
+
+def _is_compressed(msg) -> bool:
+    return hasattr(msg, "format") and not hasattr(msg, "encoding")
+
+
+def color_order(msg) -> str:
+    """Channel order of `to_pixels(msg)`: "rgb" for rgb8/rgba8 images, else "bgr"."""
+    return "rgb" if not _is_compressed(msg) and str(msg.encoding) in RGB_ENCODINGS else "bgr"
+
+
+def to_pixels(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A sensor_msgs/Image or CompressedImage as uint8 [H, W, 3] in `color_order(msg)`, with as
+    few copies as the encoding allows (a bgr8 or rgb8 image without row padding is a view of
+    the message's data)."""
+    if _is_compressed(msg):
+        return compressed_to_bgr(msg, max_pixels)
+    return _raw_to_pixels(msg, max_pixels)
+
+
 def to_bgr(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A sensor_msgs/Image or sensor_msgs/CompressedImage as a BGR uint8 array [H, W, 3]."""
-    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        return compressed_to_bgr(msg, max_pixels)
-    return image_to_bgr(msg, max_pixels)
+    pixels = to_pixels(msg, max_pixels)
+    return np.ascontiguousarray(pixels[:, :, ::-1]) if color_order(msg) == "rgb" else pixels
 
 
 def check_size(width: int, height: int, max_pixels: int) -> None:
@@ -51,8 +72,8 @@ def check_size(width: int, height: int, max_pixels: int) -> None:
             f"({max_pixels}); lower the camera resolution or raise max_image_pixels")
 
 
-def image_to_bgr(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A raw sensor_msgs/Image as BGR uint8 [H, W, 3]. mono16 is scaled min..max -> 0..255."""
+def _raw_to_pixels(msg, max_pixels: int) -> np.ndarray:
+    """A raw sensor_msgs/Image as uint8 [H, W, 3] in color_order(msg). mono16 is scaled min..max -> 0..255."""
     width, height, step, encoding = int(msg.width), int(msg.height), int(msg.step), str(msg.encoding)
     check_size(width, height, max_pixels)
     if encoding not in RAW_ENCODINGS:
@@ -71,8 +92,9 @@ def image_to_bgr(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             f"image data has {size} bytes, less than step x height = {step} x {height} = {step * height}")
     bridge = _ros2_cv_bridge()
     if bridge is not None and encoding in BRIDGE_ENCODINGS:
+        wanted = "rgb8" if encoding in RGB_ENCODINGS else "bgr8"
         try:
-            return np.ascontiguousarray(bridge.imgmsg_to_cv2(msg, desired_encoding="bgr8"))
+            return np.ascontiguousarray(bridge.imgmsg_to_cv2(msg, desired_encoding=wanted))
         except Exception as exc:  # CvBridgeError and whatever OpenCV raises inside it
             raise OmniVisionError(f"cannot convert the {encoding} image: {exc}") from exc
 
@@ -86,12 +108,10 @@ def image_to_bgr(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         gray = ((mono - low) * scale + 0.5).astype(np.uint8)
         return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     pixels = rows.reshape(height, width, channels)
-    if encoding in ("bgr8", "8UC3"):
+    if encoding in ("bgr8", "8UC3", "rgb8"):
         return np.ascontiguousarray(pixels)
-    if encoding == "rgb8":
-        return np.ascontiguousarray(pixels[:, :, ::-1])
     if encoding == "rgba8":
-        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGBA2BGR)
+        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGBA2RGB)
     if encoding == "bgra8":
         return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_BGRA2BGR)
     return cv2.cvtColor(np.ascontiguousarray(pixels[:, :, 0]), cv2.COLOR_GRAY2BGR)  # mono8, 8UC1
@@ -121,12 +141,14 @@ def compressed_to_bgr(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 
 def _as_bytes(data) -> bytes | memoryview:
-    # rclpy gives uint8[] fields as array.array('B') (or bytes / a list when built by hand).
+    # rclpy gives uint8[] fields as array.array('B') (or bytes / a list when built by hand);
+    # a memoryview of the array avoids copying a whole frame.
     if isinstance(data, (bytes, bytearray, memoryview)):
         return data
-    if hasattr(data, "tobytes"):
-        return data.tobytes()
-    return bytes(data)
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        return bytes(data)
 
 
 def _announced_size(data) -> tuple[int, int] | None:

@@ -85,9 +85,6 @@ class NodeConfig:
     prefix_cache_size: int
     question_max_chars: int
 
-    def camera(self, name: str) -> CameraConfig | None:
-        return next((c for c in self.cameras if c.name == name), None)
-
 
 def _descriptor(name: str, description: str, dynamic_typing: bool = False) -> ParameterDescriptor:
     # Read once at start: read-only makes a runtime `ros2 param set` fail instead of silently doing nothing.

@@ -11,10 +11,11 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Union
 
 import numpy as np
 
+from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.preprocess import preprocess
 from omnivision_ros.model.prompt import PromptBuilder, clean_answer, visible_answer
 from omnivision_ros.model.tokenizer import TextTokenizer
@@ -105,6 +106,11 @@ def frame_digest(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
+# A picture, or a function producing it: called only when the frame's embeddings are not cached,
+# so a second question about a frame skips converting it (the caller then passes a frame_key).
+ImageSource = Union[np.ndarray, Callable[[], np.ndarray]]
+
+
 class Pipeline:
     """Answers questions about images. One call at a time (the node runs it on a single worker)."""
 
@@ -126,11 +132,13 @@ class Pipeline:
         self.vision_cache = LRUCache(vision_cache_size)
         self.prefix_cache = LRUCache(prefix_cache_size, on_evict=lambda s: s.close())
 
-    def image_embeddings(self, image: np.ndarray, key: Hashable, color_order: str = "bgr") -> tuple[np.ndarray, bool]:
+    def image_embeddings(self, image: ImageSource, key: Hashable, color_order: str = "bgr") -> tuple[np.ndarray, bool]:
         """[mp_tokens, lm_hidden] embeddings of a frame, from the cache when possible."""
         cached = self.vision_cache.get(key)
         if cached is not None:
             return cached, True
+        if callable(image):
+            image = image()
         pixels = preprocess(image, self.config, color_order)[None]  # [1, 3, S, S]
         embeds = self.backend.encode_images(pixels)[0]  # [81, H]
         self.vision_cache.put(key, embeds)
@@ -147,7 +155,7 @@ class Pipeline:
 
     def ask(
         self,
-        image: np.ndarray,
+        image: ImageSource,
         question: str,
         *,
         frame_key: Hashable | None = None,
@@ -158,13 +166,18 @@ class Pipeline:
         should_stop: Callable[[], bool] | None = None,
     ) -> Answer:
         """Answer a question about one image (task ocr: read its text; `question` is not used).
-        `on_text` receives the answer so far after each token."""
+        `on_text` receives the answer so far after each token.
+
+        `image` may be a function returning the picture (in `color_order`), called only on a
+        vision-cache miss; it needs a `frame_key`."""
         start = time.perf_counter()
         gen = generation or self.generation
         if max_new_tokens:
             gen = GenerationConfig(max_new_tokens, gen.temperature, gen.top_p, gen.seed, gen.stop_token_ids)
         gen.validate()
         question_ids = self.prompts.question_ids(question, gen.max_new_tokens)
+        if frame_key is None and callable(image):
+            raise OmniVisionError("a picture given as a function needs a frame_key")
         key = (frame_key, color_order) if frame_key is not None else (frame_digest(image), color_order)
         timing = Timing()
 
