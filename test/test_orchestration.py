@@ -36,7 +36,8 @@ def config(model: str, **changes) -> NodeConfig:
                   cameras=(CameraConfig("front", "/front/image_raw", "raw"),), default_camera="front",
                   describe_prompt="Describe this image.", describe_rate_hz=0.0, max_new_tokens=6, temperature=0.0,
                   top_p=1.0, seed=None, max_frame_age_s=5.0, queue_size=2, request_timeout_s=30.0,
-                  max_image_pixels=1_000_000, vision_cache_size=4, prefix_cache_size=2, question_max_chars=500)
+                  max_image_pixels=1_000_000, vision_cache_size=4, prefix_cache_size=2, question_max_chars=500,
+                  task="vqa", lm_file=None, mmproj_file=None)
     values.update(changes)
     return NodeConfig(**values)
 
