@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 
 from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.model.variants import PRECISIONS
+from omnivision_ros.ros.frames import TRANSPORTS
+from omnivision_ros.runtime.backend import BACKENDS
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
-TRANSPORTS = ("raw", "compressed")
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _CAMERA_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 RATE_WINDOW_S = 5.0
+TRANSPORTS = ("raw", "compressed")  # sensor_msgs/Image, sensor_msgs/CompressedImage
 
 
 @dataclass(frozen=True)

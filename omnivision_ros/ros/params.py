@@ -12,9 +12,9 @@ from rcl_interfaces.msg import ParameterDescriptor
 
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.prompt import TASKS
+from omnivision_ros.ros.frames import TRANSPORTS
+from omnivision_ros.runtime.backend import BACKENDS
 
-TRANSPORTS = ("raw", "compressed")
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 # name, default, description (one line per parameter; config/omnivision.yaml documents each).
 PARAMETERS = (
