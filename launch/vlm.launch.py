@@ -5,7 +5,7 @@
         camera_topic:=/front_camera/color/image_raw
     ros2 launch omnivision_ros vlm.launch.py model:=/path/to/bundle \
         cameras:=front=/front/image_raw,back=/back/image_raw/compressed
-    ros2 launch omnivision_ros vlm.launch.py model:=/path/to/bundle dds_profile:=large_data   # 640x480+ raw frames
+    ros2 launch omnivision_ros vlm.launch.py model:=/path/to/bundle dds_profile:=shm   # 640x480+ raw frames
     ros2 launch omnivision_ros vlm.launch.py --show-args
 
 An argument left empty keeps the value of params_file (the shipped config/omnivision.yaml by
@@ -38,9 +38,9 @@ ARGUMENTS = (
     ("log_level", "info", "Log level of the node: debug, info, warn, error, fatal"),
     ("respawn", "false", "Restart the node when it exits (true/false)"),
     ("respawn_delay", "2.0", "Seconds to wait before restarting the node (with respawn:=true)"),
-    ("dds_profile", "", "Fast DDS profile for the node: large_data (Jazzy and later) or shm (Humble) for raw "
-                        "frames of 640x480 and more, or a path to an XML profile; empty = none. The camera "
-                        "driver needs the same profile (docs/node.md, Camera intake)"),
+    ("dds_profile", "", "Fast DDS profile for the node, for raw frames of 640x480 and more: shm (Humble, "
+                        "Jazzy, Kilted), large_data (Kilted and later), or a path to an XML profile; empty = "
+                        "none. The camera driver needs the same profile (docs/node.md, Camera intake)"),
 )
 # Shipped Fast DDS profiles (config/*.xml).
 DDS_PROFILES = {"large_data": "fastdds_large_data.xml", "shm": "fastdds_shm.xml"}

@@ -565,7 +565,7 @@ def test_requests_are_served_while_two_cameras_stream(cluster, main):
         assert_ok(main.ros.wait_future(waited, DEADLINE_S, "queued ask"), main)
         status = values(cluster["diagnostics"].wait("/omnitest/omnivision_node: camera back",
                                                     lambda s: float(values(s)["rate_hz"]) > 5, 10.0, main.node))
-        assert int(status["frames_received"]) > 10
+        assert int(status["frames_received"]) > 5  # the rate above is measured over these frames
 
 
 def test_qos_override_makes_a_camera_subscription_reliable(cluster):
