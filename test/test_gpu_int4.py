@@ -164,5 +164,6 @@ def test_onnxruntime_runs_int4_with_float_math(int4_bundle):
     exact = logits(unfused=True)
     pinned = logits(level=ORT_INT4_SESSION_CONFIG["session.qdq_matmulnbits_accuracy_level"])
     default = logits()
-    assert np.abs(pinned - exact).max() < np.abs(default - exact).max()
+    # Strictly closer on ONNX Runtime 1.31; 1.23 (the newest for Python 3.10) keeps float math by default.
+    assert np.abs(pinned - exact).max() <= np.abs(default - exact).max()
     assert np.abs(pinned - exact).max() <= 1e-2 * np.abs(exact).max()
