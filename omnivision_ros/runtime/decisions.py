@@ -65,18 +65,23 @@ def header_ids(tokenizer: TextTokenizer) -> np.ndarray:
     return np.asarray([IM_START_ID, *tokenizer.encode("assistant\n")], dtype=np.int64)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-probabilities over the vocabulary."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
+def log_partition(logits: np.ndarray) -> float:
+    """log(sum(exp(logits))) over the vocabulary: a token's log-probability is its logit minus this.
+    float32 exponentials summed in float64: a sixth of the time of float64 throughout, ~1e-7 relative."""
+    x = np.asarray(logits, dtype=np.float32)
+    top = float(x.max())
+    return top + float(np.log(np.exp(x - top).sum(dtype=np.float64)))
+
+
+def log_probs(logits: np.ndarray, ids) -> np.ndarray:
+    """float64 log-probabilities of the tokens `ids` under next-token logits [vocab]."""
+    return np.asarray(logits, dtype=np.float64)[np.asarray(ids)] - log_partition(logits)
 
 
 def yes_no_probability(logits: np.ndarray, tokens: AnswerTokens) -> tuple[float, float]:
     """(p_yes, yes/no mass) of next-token logits [vocab]. p_yes is computed relative to the larger of the
     yes/no logits, so it stays exact when their mass underflows."""
-    logp = log_softmax(logits)
-    yes, no = logp[list(tokens.yes_ids)], logp[list(tokens.no_ids)]
+    yes, no = log_probs(logits, tokens.yes_ids), log_probs(logits, tokens.no_ids)
     top = max(yes.max(), no.max())
     p_yes, p_no = np.exp(yes - top).sum(), np.exp(no - top).sum()
     return float(p_yes / (p_yes + p_no)), float(np.exp(top) * (p_yes + p_no))
@@ -120,18 +125,18 @@ def score_options(session: DecoderSession, logits: np.ndarray, options: Sequence
     logits are `logits`. Each option runs on its own fork (at most one fork alive: device memory stays
     bounded on backends that give each session a full-size cache). None for options left unscored
     because `should_stop()` turned true."""
-    first = log_softmax(logits)
+    first = log_probs(logits, [ids[0] for ids in options])
     scores: list[float | None] = []
-    for ids in options:
+    for i, ids in enumerate(options):
         if should_stop is not None and should_stop():
             scores.append(None)
             continue
-        total = float(first[ids[0]])
+        total = float(first[i])
         if ids.size > 1:
             fork = session.fork()
             try:
                 for token, following in zip(ids[:-1], ids[1:]):
-                    total += float(log_softmax(fork.step(int(token)))[following])
+                    total += float(log_probs(fork.step(int(token)), [following])[0])
             finally:
                 fork.close()
         scores.append(total)
