@@ -8,6 +8,7 @@ package_name = 'omnivision_ros'
 # `colcon build` in lib/omnivision_ros (so `ros2 run omnivision_ros <command>` finds them).
 console_scripts = [
     'omnivision-ask = omnivision_ros.cli.ask:main',
+    'omnivision-eval = omnivision_ros.cli.eval:main',
     'omnivision-make-test-model = omnivision_ros.export.make_test_model:main',
     'omnivision-export = omnivision_ros.export.cli:main',
     'omnivision-build-engines = omnivision_ros.export.tensorrt_build:main',

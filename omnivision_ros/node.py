@@ -1,4 +1,5 @@
-"""omnivision_node: camera topics in; VQA answers, scene descriptions and diagnostics out.
+"""omnivision_node: camera topics in; VQA answers, yes/no decisions, choices, standing watches, scene
+descriptions and diagnostics out.
 
 A thin adapter (STYLE 3, 6) on one SingleThreadedExecutor thread: camera callbacks store the
 newest message per camera; the services and the action are coroutines that hand their request
@@ -28,14 +29,15 @@ from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 
 from omnivision_interfaces.action import Query
-from omnivision_interfaces.msg import SceneDescription
-from omnivision_interfaces.srv import Ask, Describe
+from omnivision_interfaces.msg import SceneDescription, WatchEvent, WatchState
+from omnivision_interfaces.srv import AddWatch, Ask, Check, Choose, Describe, RemoveWatch
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.orchestration import Orchestrator, Reply, Request
 from omnivision_ros.ros import diagnostics
 from omnivision_ros.ros.frames import CameraFeed
 from omnivision_ros.ros.params import NodeConfig, declare_and_read
 from omnivision_ros.ros.spinning import CallSoon, Spinner, init_ros
+from omnivision_ros.watches import TICK_S, Watches, WatchEvaluation, WatchSpec
 from omnivision_ros.worker import CANCELLED
 
 NODE_NAME = "omnivision_node"
@@ -75,6 +77,9 @@ class OmniVisionNode(Node):
         self.ask_service = self.create_service(Ask, "~/ask", self.ask_callback, callback_group=self.request_group)
         self.describe_service = self.create_service(
             Describe, "~/describe", self.describe_callback, callback_group=self.request_group)
+        self.check_service = self.create_service(Check, "~/check", self.check_callback, callback_group=self.request_group)
+        self.choose_service = self.create_service(Choose, "~/choose", self.choose_callback,
+                                                  callback_group=self.request_group)
         self.query_server = ActionServer(
             self, Query, "~/query", execute_callback=self.query_execute_callback, callback_group=self.request_group,
             goal_callback=self.query_goal_callback, cancel_callback=self.query_cancel_callback)
@@ -84,8 +89,22 @@ class OmniVisionNode(Node):
         self.describe_timer = None
         if cfg.describe_rate_hz > 0:
             self.describe_timer = self.create_timer(1.0 / cfg.describe_rate_hz, self.describe_timer_callback)
+        self.watches = Watches(self.orchestrator, lambda done: self.call_soon(self._publish_watches, done),
+                               self.get_logger())
+        self.watch_state_publisher = self.create_publisher(WatchState, "~/watch_states", 10)
+        self.watch_event_publisher = self.create_publisher(WatchEvent, "~/watch_events", 10)
+        self.add_watch_service = self.create_service(AddWatch, "~/add_watch", self.add_watch_callback)
+        self.remove_watch_service = self.create_service(RemoveWatch, "~/remove_watch", self.remove_watch_callback)
+        self.watch_timer = None  # created with the first watch
         self._log_start()
+        for spec in cfg.watches:
+            self._add_watch(spec)
         self.orchestrator.start()  # loads the model in the background
+
+    def _add_watch(self, spec: WatchSpec) -> None:
+        self.watches.add(spec)
+        if self.watch_timer is None:
+            self.watch_timer = self.create_timer(TICK_S, self.watch_timer_callback)
 
     def _log_start(self) -> None:
         cfg, log = self.config, self.get_logger()
@@ -99,8 +118,8 @@ class OmniVisionNode(Node):
                      f"depth {qos.depth}, newest frame only)")
         rate = f"at {cfg.describe_rate_hz:g} Hz per camera" if cfg.describe_rate_hz > 0 else "off (describe_rate_hz 0)"
         base = self.get_fully_qualified_name()
-        log.info(f"services {base}/ask and {base}/describe, action {base}/query; scene descriptions {rate}; "
-                 f"queue {cfg.queue_size}, request timeout {cfg.request_timeout_s or 'none'} s")
+        log.info(f"services {base}/ask, /describe, /check, /choose, /add_watch, /remove_watch, action {base}/query; "
+                 f"scene descriptions {rate}; queue {cfg.queue_size}, request timeout {cfg.request_timeout_s or 'none'} s")
 
     async def _reply(self, request: Request, on_text=None, goal_id: bytes | None = None) -> Reply:
         """Hand a request to the orchestrator and wait (without blocking the executor) for its reply."""
@@ -126,6 +145,37 @@ class OmniVisionNode(Node):
     async def describe_callback(self, request, response):
         return (await self._reply(Request("describe", request.camera, self.config.describe_prompt,
                                           request.max_age_s, request.max_new_tokens))).fill(response)
+
+    async def check_callback(self, request, response):
+        replied = Future()
+        self.orchestrator.submit_check(Request("check", request.camera, request.question, request.max_age_s),
+                                       request.threshold, lambda reply: self.call_soon(replied.set_result, reply))
+        return (await replied).fill_check(response)
+
+    async def choose_callback(self, request, response):
+        replied = Future()
+        self.orchestrator.submit_choose(Request("choose", request.camera, request.question, request.max_age_s),
+                                        request.options, lambda reply: self.call_soon(replied.set_result, reply))
+        return (await replied).fill_choose(response)
+
+    def add_watch_callback(self, request, response):
+        spec = WatchSpec(request.name, request.camera, request.question, request.rate_hz, request.on_threshold,
+                         request.off_threshold, request.min_frames)
+        try:
+            self._add_watch(spec)
+            response.success = True
+        except OmniVisionError as exc:
+            self.get_logger().warning(f"add_watch refused: {exc}")
+            response.success, response.error = False, str(exc)
+        return response
+
+    def remove_watch_callback(self, request, response):
+        try:
+            self.watches.remove(request.name)
+            response.success = True
+        except OmniVisionError as exc:
+            response.success, response.error = False, str(exc)
+        return response
 
     def query_goal_callback(self, goal_request) -> GoalResponse:
         # Accept every goal: a refused goal carries no reason; a bad one ends aborted with its error.
@@ -169,10 +219,24 @@ class OmniVisionNode(Node):
         reply.fill_timing(msg.timing)
         self.description_publisher.publish(msg)
 
+    def watch_timer_callback(self) -> None:
+        self.watches.tick()
+
+    def _publish_watches(self, evaluations: list[WatchEvaluation]) -> None:
+        for e in evaluations:
+            state = WatchState(header=e.header, name=e.name, camera=e.camera, probability=e.probability,
+                               yes_no_mass=e.yes_no_mass, state=e.state)
+            Reply(True, "", e.camera, timing=e.timing).fill_timing(state.timing)
+            self.watch_state_publisher.publish(state)
+            if e.flipped:
+                self.watch_event_publisher.publish(WatchEvent(
+                    header=e.header, name=e.name, camera=e.camera, probability=e.probability,
+                    yes_no_mass=e.yes_no_mass, state=e.state, previous_state=e.previous_state, timing=state.timing))
+
     def diagnostics_callback(self) -> None:
         now = self.get_clock().now()
-        self.diagnostics_publisher.publish(
-            diagnostics.report(self.get_fully_qualified_name(), self.orchestrator, now.to_msg(), now.nanoseconds))
+        self.diagnostics_publisher.publish(diagnostics.report(self.get_fully_qualified_name(), self.orchestrator,
+                                                              now.to_msg(), now.nanoseconds, self.watches.snapshot()))
 
     def close(self, timeout_s: float = 5.0) -> None:
         """End every request (queued ones now, the running one at its next token) and give the

@@ -7,9 +7,10 @@ the model needs its pixels (a repeat question about a frame hits the vision cach
 it), and the finished job becomes a Reply whose `timing` holds the fields of
 omnivision_interfaces/Timing.
 
-New kinds of request add a work function `work(pipeline, image, job)` and call `submit_work`;
-periodic, low-priority work passes `only_if_idle=True` and is refused (skipped) whenever a
-request runs or waits.
+New kinds of request add a work function `work(pipeline, image, job)` and call `submit_work`
+(Check and Choose do); periodic, low-priority work passes `only_if_idle=True` and is refused
+(skipped) whenever a request runs or waits. Standing watches (omnivision_ros.watches) run their
+yes/no checks of several cameras' frames as one such job (`submit_checks`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from omnivision_ros.ros.image_convert import color_order, to_pixels
 from omnivision_ros.ros.params import NodeConfig
 from omnivision_ros.runtime.factory import open_model
 from omnivision_ros.runtime.generator import GenerationConfig
-from omnivision_ros.runtime.pipeline import Answer, Pipeline
+from omnivision_ros.runtime.decisions import check_options
+from omnivision_ros.runtime.pipeline import Answer, Choice, Decision, FrameQuestion, Pipeline
 from omnivision_ros.worker import CANCELLED, DONE, FAILED, READY, InferenceWorker, Job
 
 NO_MODEL = ("no model configured: set the node's `model` parameter to a model bundle directory written by "
@@ -58,12 +60,31 @@ class Reply:
 
     def fill(self, msg):
         """Copy into an Ask/Describe response or a Query result (the same fields); returns msg."""
-        msg.success, msg.error, msg.camera = self.success, self.error, self.camera
         msg.answer, msg.stop_reason = self.answer, self.stop_reason
+        return self.fill_common(msg)
+
+    def fill_common(self, msg):
+        """Copy the fields every response has (success, error, camera, header, timing); returns msg."""
+        msg.success, msg.error, msg.camera = self.success, self.error, self.camera
         if self.header is not None:
             msg.header = self.header
         self.fill_timing(msg.timing)
         return msg
+
+    def fill_check(self, msg):
+        """Copy into a Check response; returns msg."""
+        if self.success and isinstance(self.result, Decision):
+            msg.answer, msg.probability, msg.yes_no_mass = self.result.answer, self.result.probability, \
+                self.result.yes_no_mass
+        return self.fill_common(msg)
+
+    def fill_choose(self, msg):
+        """Copy into a Choose response (index -1 on failure); returns msg."""
+        msg.index = -1
+        if self.success and isinstance(self.result, Choice):
+            msg.index, msg.option = self.result.index, self.result.option
+            msg.scores, msg.probabilities = list(self.result.scores), list(self.result.probabilities)
+        return self.fill_common(msg)
 
     def fill_timing(self, timing) -> None:
         """Copy into an omnivision_interfaces/Timing message."""
@@ -131,6 +152,22 @@ def answer_work(question: str, max_new_tokens: int, on_text: Callable[[str, str,
     return work
 
 
+def check_work(question: str, threshold: float):
+    """The work of Check: yes or no with its probability."""
+    def work(pipeline: Pipeline, image: FrameImage, job: Job) -> Decision:
+        return pipeline.check(image.pixels, question, frame_key=image.key, color_order=image.color_order,
+                              threshold=threshold)
+    return work
+
+
+def choose_work(question: str, options: list[str], max_option_tokens: int):
+    """The work of Choose: the options scored; stops between options on cancel or timeout."""
+    def work(pipeline: Pipeline, image: FrameImage, job: Job) -> Choice:
+        return pipeline.choose(image.pixels, question, options, frame_key=image.key, color_order=image.color_order,
+                               max_option_tokens=max_option_tokens, should_stop=job.should_stop)
+    return work
+
+
 class Orchestrator:
     """Owns the inference worker; checks, queues and answers requests about camera frames.
 
@@ -172,7 +209,7 @@ class Orchestrator:
         self.backend_name = backend.name
         self.backend_description = getattr(backend, "description", "")
         return Pipeline(backend, tokenizer, generation, cfg.vision_cache_size, cfg.prefix_cache_size,
-                        task=cfg.task)
+                        task=cfg.task, log=self.log.info)
 
     def _loaded(self, worker: InferenceWorker) -> None:
         if worker.state == READY:
@@ -202,9 +239,79 @@ class Orchestrator:
             on_reply(Reply(False, str(exc), camera, header=frame.msg.header if frame else None))
             return None
 
+    def submit_check(self, request: Request, threshold: float, on_reply: Callable[[Reply], None]) -> Job | None:
+        """Check: yes or no about the frame; threshold 0 = the node's check_threshold."""
+        if not (math.isfinite(threshold) and 0 <= threshold <= 1):
+            return self._refuse(request, f"threshold is {threshold}; pass a probability in (0, 1] "
+                                         "(0 = the node's check_threshold)", on_reply)
+        unavailable = self.check_unavailable()
+        if unavailable:
+            return self._refuse(request, unavailable, on_reply)
+        return self.submit_work(request, check_work(request.question, threshold or self.config.check_threshold),
+                                on_reply)
+
+    def submit_choose(self, request: Request, options, on_reply: Callable[[Reply], None]) -> Job | None:
+        """Choose: the options scored as answers about the frame."""
+        try:
+            if self.config.task != "vqa":
+                raise OmniVisionError(f"choices need task vqa; this node runs task {self.config.task}, whose prompt "
+                                      "takes no question")
+            options = check_options(list(options), self.config.choose_max_options)
+        except OmniVisionError as exc:
+            return self._refuse(request, str(exc), on_reply)
+        return self.submit_work(request, choose_work(request.question, options, self.config.choose_max_option_tokens),
+                                on_reply)
+
+    def _refuse(self, request: Request, reason: str, on_reply: Callable[[Reply], None]) -> None:
+        camera = request.camera or self.config.default_camera
+        self.log.warning(f"{request.kind} on camera '{camera}' refused: {reason}")
+        on_reply(Reply(False, reason, camera))
+
+    def submit_checks(self, items: list[tuple[Frame, str]], on_done: Callable[[Job], None]) -> Job:
+        """Low-priority yes/no checks of (frame, question) pairs as one job (standing watches): refused with
+        "the model is busy" unless the worker is idle; frames not cached are encoded in one batched call;
+        a request arriving meanwhile stops it before its next check. job.result: one Decision,
+        OmniVisionError or None (not run) per item."""
+        images = {}
+        for frame, _ in items:
+            images.setdefault(frame.key, FrameImage(frame, self.config.max_image_pixels))
+        threshold = self.config.check_threshold
+        worker = self.worker
+
+        def work(pipeline: Pipeline, job: Job):
+            questions = [FrameQuestion(images[frame.key].pixels, question, frame.key, images[frame.key].color_order)
+                         for frame, question in items]
+            return pipeline.check_frames(questions, threshold, should_stop=lambda: worker.depth > 0 or job.should_stop())
+
+        return worker.submit(work, self.config.request_timeout_s, on_done, only_if_idle=True)
+
     def cancel(self, job: Job) -> None:
         """Cancel a queued or running job: generation stops at the next token."""
         self.worker.cancel(job)
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded."""
+        return self.worker.state == READY
+
+    def check_unavailable(self) -> str:
+        """Why yes/no checks cannot run with this node's model or task; empty when they can (or the model
+        is still loading: then its requests will say)."""
+        if self.config.task != "vqa":
+            return (f"yes/no checks need task vqa; this node runs task {self.config.task}, whose prompt takes "
+                    "no question")
+        if self.worker.state == FAILED:
+            return f"the model is not loaded: {self.worker.load_error}"
+        pipeline = self.worker.model if self.worker.state == READY else None
+        return pipeline.check_error if pipeline is not None else ""
+
+    def fresh_frame(self, camera: str) -> Frame | None:
+        """The newest frame of a camera if it is within the node's max_frame_age_s, else None."""
+        frame = self.feeds[camera].latest()
+        bound = self.config.max_frame_age_s
+        if frame is None or (bound >= 0 and frame.age_s(self.now_ns()) > bound):
+            return None
+        return frame
 
     def frame_for(self, camera: str, max_age_s: float) -> Frame:
         """The frame a request is about, checked at arrival: model loaded, known camera, fresh frame."""
@@ -253,11 +360,17 @@ class Orchestrator:
         camera = frame.camera
         reply = Reply(job.state == DONE, job.error, camera, job.state, frame.msg.header, timing=self.timing(job),
                       result=job.result)
+        if isinstance(job.result, Choice) and job.result.index < 0 and reply.success:  # stopped between options
+            reply.success, reply.error = False, "scoring stopped before every option was scored"
         if isinstance(job.result, Answer):
             reply.answer, reply.stop_reason = job.result.text, job.result.stop_reason
         stamp = f"{frame.msg.header.stamp.sec}.{frame.msg.header.stamp.nanosec:09d}"
         what = f"{request.kind} on camera '{camera}' frame {stamp}"
-        if reply.success:
+        if reply.success and isinstance(job.result, Decision):
+            d = job.result
+            self.log.debug(f"{what}: {'yes' if d.answer else 'no'}, p_yes {d.probability:.4f}, "
+                           f"yes/no mass {d.yes_no_mass:.3g}, {reply.timing['ttft_ms']:.1f} ms")
+        elif reply.success:
             t = reply.timing
             self.log.debug(f"{what}: {t.get('new_tokens', 0)} tokens, ttft {t.get('ttft_ms', 0.0):.1f} ms, "
                            f"{t.get('tokens_per_second', 0.0):.1f} tok/s")
@@ -272,20 +385,17 @@ class Orchestrator:
         """omnivision_interfaces/Timing fields of a finished job (only the queue time when the model did
         not run). The time to first token counts from the request's arrival: queue wait + the model's."""
         queue_ms = job.queue_s * 1e3
-        if not isinstance(job.result, Answer):
+        if not isinstance(job.result, (Answer, Decision, Choice)):
             return {"queue_ms": queue_ms}
-        t = job.result.timing
-        return {"queue_ms": queue_ms, "encode_ms": t.encode_ms, "prefill_ms": t.prefill_ms,
-                "ttft_ms": queue_ms + t.ttft_ms, "decode_ms": t.decode_ms, "prompt_tokens": t.prompt_tokens,
-                "new_tokens": t.new_tokens, "tokens_per_second": t.tokens_per_second,
-                "vision_cache_hit": t.vision_cache_hit, "prefix_cache_hit": t.prefix_cache_hit}
+        return job.result.timing.message_fields(queue_ms)
 
     def _record(self, job: Job, reply: Reply) -> None:
         stats = self.stats
         if reply.success:
             stats.served += 1
-            stats.last_ttft_ms = reply.timing["ttft_ms"]
-            stats.last_tokens_per_second = reply.timing["tokens_per_second"]
+            if isinstance(job.result, Answer):  # Check and Choose generate nothing: no time to first token
+                stats.last_ttft_ms = reply.timing["ttft_ms"]
+                stats.last_tokens_per_second = reply.timing["tokens_per_second"]
         else:
             stats.failed += 1
 

@@ -146,3 +146,38 @@ class Diagnostics:
 
 def values(status) -> dict[str, str]:
     return {kv.key: kv.value for kv in status.values}
+
+
+class DecisionsClient(Client):
+    """Client plus Check, Choose and the watch services of one node, and its watch topics collected."""
+
+    def __init__(self, ros: BackgroundNode, node: NodeProcess):
+        super().__init__(ros, node)
+        from omnivision_interfaces.msg import WatchEvent, WatchState
+        from omnivision_interfaces.srv import AddWatch, Check, Choose, RemoveWatch
+
+        self.types = {"check": Check, "choose": Choose, "add_watch": AddWatch, "remove_watch": RemoveWatch}
+        self.clients = {name: ros.node.create_client(t, f"{node.name}/{name}") for name, t in self.types.items()}
+        self.states: list = []
+        self.events: list = []
+        ros.node.create_subscription(WatchState, f"{node.name}/watch_states", self._collect(self.states), 50)
+        ros.node.create_subscription(WatchEvent, f"{node.name}/watch_events", self._collect(self.events), 50)
+
+    def _collect(self, into: list):
+        def callback(msg) -> None:
+            with self._lock:
+                into.append(msg)
+        return callback
+
+    def call(self, service: str, timeout_s: float = 30.0, **fields):
+        return self.ros.call(self.clients[service], self.types[service].Request(**fields), timeout_s)
+
+    def check(self, question: str, camera: str = "", threshold: float = 0.0, max_age_s: float = -1.0):
+        return self.call("check", camera=camera, question=question, threshold=threshold, max_age_s=max_age_s)
+
+    def choose(self, question: str, options: list[str], camera: str = "", max_age_s: float = -1.0):
+        return self.call("choose", camera=camera, question=question, options=options, max_age_s=max_age_s)
+
+    def watch_messages(self, kind: str, name: str) -> list:
+        with self._lock:
+            return [m for m in (self.states if kind == "states" else self.events) if m.name == name]

@@ -61,3 +61,9 @@ def test_bench_runs_every_system_on_the_tiny_preset(tmp_path):
     same = report["accuracy"]["torch vs ort-fp32"]
     assert same["embeds_cosine"] > 0.99999 and same["logits_cosine"] > 0.99999
     assert same["greedy"]["leading_equal"] == 2
+    decided = report["decisions"]["decide-int8"]  # Check, Choose and a watch cycle on the int8 variant
+    assert all(value > 0 for value in decided["medians"].values())
+    assert decided["check_cached_prompt_tokens"] < decided["check_prompt_tokens"] - 81
+    assert [t["target"] for t in decided["targets"]] == ["Check on a new frame <= 1.1x Ask TTFT on it",
+                                                        "Check on a cached frame <= 100 ms",
+                                                        "4-camera watch cycle <= 4 single Checks"]

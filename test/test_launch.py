@@ -433,6 +433,37 @@ class TestServing:
         assert result["success"] is True and result["camera"] == "back" and result["header"]["frame_id"] == "back"
         assert result["timing"]["new_tokens"] == 5
 
+    def test_check_and_choose_service_calls(self, workspace, launched):
+        output = workspace.run(["ros2", "service", "call", f"{self.NAMESPACE}/omnivision_node/check",
+                                "omnivision_interfaces/srv/Check",
+                                "{camera: front, question: 'Is the door open?', max_age_s: -1.0}"])
+        check = response_fields(output)
+        assert check["success"] is True, output
+        assert 0 < check["yes_no_mass"] <= 1 and check["answer"] == (check["probability"] >= 0.5)
+        assert "frame_id='front'" in check["header"] and "new_tokens=0" in check["timing"]
+        output = workspace.run(["ros2", "service", "call", f"{self.NAMESPACE}/omnivision_node/choose",
+                                "omnivision_interfaces/srv/Choose",
+                                "{camera: back, question: 'What state is the door in?', options: [open, closed, ajar], "
+                                "max_age_s: -1.0}"])
+        choose = response_fields(output)
+        assert choose["success"] is True and choose["option"] in ("open", "closed", "ajar"), output
+        assert choose["option"] == ("open", "closed", "ajar")[choose["index"]]
+
+    def test_watch_added_and_echoed(self, workspace, launched):
+        node = f"{self.NAMESPACE}/omnivision_node"
+        output = workspace.run(["ros2", "service", "call", f"{node}/add_watch", "omnivision_interfaces/srv/AddWatch",
+                                "{name: door_open, camera: front, question: 'Is the door open?', rate_hz: 2.0, "
+                                "on_threshold: 0.6, off_threshold: 0.4, min_frames: 2}"])
+        assert response_fields(output)["success"] is True, output
+        output = workspace.run(["ros2", "topic", "echo", "--no-daemon", f"{node}/watch_states",
+                                "omnivision_interfaces/msg/WatchState", "--once", "--full-length"])
+        state = yaml.safe_load(output.split("---")[0])
+        assert state["name"] == "door_open" and state["camera"] == "front" and state["header"]["frame_id"] == "front"
+        assert 0 <= state["probability"] <= 1 and state["state"] in (True, False)
+        output = workspace.run(["ros2", "service", "call", f"{node}/remove_watch", "omnivision_interfaces/srv/RemoveWatch",
+                                "{name: door_open}"])
+        assert response_fields(output)["success"] is True, output
+
     def test_respawn_restarts_a_killed_node(self, workspace, launched):
         (first,) = launched.node_pids()
         os.kill(first, signal.SIGKILL)

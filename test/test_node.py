@@ -33,7 +33,7 @@ from omnivision_interfaces.action import Query
 from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.ros.client import BackgroundNode, compressed_msg, image_msg, stamp
 from omnivision_ros.ros.image_convert import color_order, to_bgr, to_pixels
-from omnivision_ros.ros.params import PARAMETERS
+from omnivision_ros.ros.params import PARAMETERS, WATCH_NAMES
 from omnivision_ros.worker import CANCELLED, DONE, ERROR, FAILED, READY, TIMED_OUT, InferenceWorker
 
 try:
@@ -300,7 +300,7 @@ def test_shipped_fast_dds_profiles():
 def test_config_documents_every_parameter():
     config = yaml.safe_load((ROOT / "config" / "omnivision.yaml").read_text())
     params = config["/**/omnivision_node"]["ros__parameters"]
-    assert set(params) - {"cameras"} == {name for name, _, _ in PARAMETERS}
+    assert set(params) - {"cameras"} == {name for name, _, _ in PARAMETERS} | {WATCH_NAMES[0]}
     for name in params["camera_names"]:
         assert set(params["cameras"][name]) == {"topic", "transport"}
 

@@ -46,3 +46,25 @@ def test_save_and_load(tmp_path, tokenizer):
     tokenizer.save(path)
     again = TextTokenizer.from_file(path)
     assert again.encode("hello robot") == tokenizer.encode("hello robot")
+
+
+def test_yes_no_words_are_single_tokens_that_change_no_other_text(tokenizer):
+    from omnivision_ros.model.config import SYSTEM_PROMPT
+    from omnivision_ros.model.tokenizer import WHOLE_WORDS
+
+    ids = [tokenizer.encode(word) for word in WHOLE_WORDS]
+    assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(WHOLE_WORDS)
+    assert [tokenizer.decode(i) for i in ids] == list(WHOLE_WORDS)
+    # Without the merges that make them (the last ones), other text splits exactly as it does with them.
+    data = json.loads(synthetic_tokenizer_json())
+    merges = data["model"]["merges"]
+    # The words and the pieces they are made of hold the last ids of the regular vocabulary.
+    first = min(i[0] for i in ids)
+    cut = len(merges) - (FIRST_ADDED_ID - first)
+    vocab = data["model"]["vocab"]
+    assert cut > 50 and all(vocab["".join(m.split(" "))] >= first for m in merges[cut:])
+    data["model"]["merges"] = merges[:cut]
+    without = TextTokenizer.from_json(json.dumps(data))
+    for text in ("system\n" + SYSTEM_PROMPT, "Is the door open?", "Describe this image.", "nobody knows, not now."):
+        assert tokenizer.encode(text) == without.encode(text), text
+    assert without.encode("Yes") != tokenizer.encode("Yes")

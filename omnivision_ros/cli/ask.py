@@ -1,4 +1,9 @@
-"""omnivision-ask: answer one question about one image file and print the timings."""
+"""omnivision-ask: answer one question about one image file and print the timings.
+
+    omnivision-ask --image door.jpg "What do you see?"                         free text
+    omnivision-ask --image door.jpg --check "Is the door open?"                yes/no with p_yes
+    omnivision-ask --image door.jpg --choices open,closed,ajar "What state is the door in?"
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,11 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"bundle variant: {', '.join(PRECISIONS)} (default: int8 on the CPU when the bundle has it, else fp32; "
         "fp16 on a GPU)"))
     parser.add_argument("--stream", action="store_true", help="print the answer while it is generated")
+    decide = parser.add_mutually_exclusive_group()
+    decide.add_argument("--check", action="store_true", help=(
+        "answer the question yes or no with the probability of yes (one forward pass, no generation)"))
+    decide.add_argument("--choices", default=None, metavar="A,B,...", help=(
+        "score these comma-separated options as answers and print the most probable one first"))
+    parser.add_argument("--threshold", type=float, default=0.5, help="--check says yes when p_yes >= this (default 0.5)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing, so --help and argument errors are instant.
+    import numpy as np
+
     from omnivision_ros.model.preprocess import load_image
     from omnivision_ros.runtime.factory import open_model
     from omnivision_ros.runtime.generator import GenerationConfig
@@ -48,6 +61,15 @@ def run(args: argparse.Namespace) -> int:
     def note(line: str) -> None:
         print(f"[omnivision] {line}", file=sys.stderr)
 
+    if (args.check or args.choices is not None) and args.task != "vqa":
+        raise OmniVisionError("--check and --choices need task vqa (the OCR prompt takes no question)")
+    if not 0 < args.threshold <= 1:
+        raise OmniVisionError(f"--threshold must be in (0, 1], got {args.threshold}")
+    options = None
+    if args.choices is not None:
+        from omnivision_ros.runtime.decisions import check_options
+
+        options = check_options([o for o in args.choices.split(",")] if args.choices.strip() else [], 64)
     if args.task == "ocr":
         if args.question.strip():
             note("task ocr: the OCR prompt has no question; the question given is not used")
@@ -66,7 +88,26 @@ def run(args: argparse.Namespace) -> int:
         lm_file=args.lm_file, mmproj_file=args.mmproj_file,
     )
     load_s = time.perf_counter() - t0
-    pipeline = Pipeline(backend, tokenizer, gen, task=args.task)
+    pipeline = Pipeline(backend, tokenizer, gen, task=args.task, log=note if args.check else None)
+    if args.check:
+        decision = pipeline.check(image, args.question, threshold=args.threshold)
+        t = decision.timing
+        print(f"{'yes' if decision.answer else 'no'}  p_yes {decision.probability:.4f}  "
+              f"yes/no mass {decision.yes_no_mass:.4g}")
+        print(f"[{backend.name}] load {load_s:.2f} s | encode {t.encode_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms "
+              f"({t.prompt_tokens} tok) | decision {t.ttft_ms:.1f} ms", file=sys.stderr)
+        return 0
+    if options is not None:
+        choice = pipeline.choose(image, args.question, options)
+        t = choice.timing
+        print(choice.option)
+        width = max(len(o) for o in options)
+        for i in np.argsort(-np.asarray(choice.probabilities), kind="stable"):
+            print(f"  {options[i]:<{width}}  p {choice.probabilities[i]:.4f}  "
+                  f"mean log-prob/token {choice.scores[i]:.3f}")
+        print(f"[{backend.name}] load {load_s:.2f} s | encode {t.encode_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms "
+              f"({t.prompt_tokens} tok) | options {t.decode_ms:.1f} ms | choice {t.ttft_ms:.1f} ms", file=sys.stderr)
+        return 0
 
     printed = 0
 

@@ -19,6 +19,11 @@ the same image + prompt:
                quantization of activations to Q8_0 in its Q4_0 dot products, so it flatters Q4_0 a little;
                its speed is fp32's and means nothing.
 
+- decide-<v>:  the robot decisions on ONNX Runtime variant v (default int8): Check on a new frame against Ask's
+               time to first token on the same picture, Check on a cached frame, Choose with 4 options on a
+               cached frame, and a watch cycle of 4 cameras (their frames encoded in one batched vision call)
+               against 4 single Checks of new frames.
+
 Each system runs in its own subprocess (peak RSS is per system: VmHWM), once to warm up and then --runs
 times; medians are reported. Stop tokens are disabled so every system decodes --new-tokens tokens.
 Cosine similarity of each reduced precision's image embeddings and last-position logits against fp32 on
@@ -55,6 +60,10 @@ RESULT_TAG = "BENCH_RESULT "
 QUESTION = "What do you see in this picture? Describe the scene."
 QUESTION2 = "Is there a person in the picture?"
 DEFAULT_IMAGE = Path(__file__).resolve().parents[1] / "data" / "sample.jpg"
+CHECK_QUESTION = "Is the door open?"
+CHOOSE_QUESTION = "What state is the door in?"
+CHOOSE_OPTIONS = ("open", "closed", "ajar", "half open")
+WATCH_CAMERAS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens decoded per answer, stop tokens off (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     parser.add_argument("--variants", default="fp32,int8,int4", help="ONNX Runtime variants (default fp32,int8,int4)")
+    parser.add_argument("--decisions", default="int8",
+                        help="ONNX Runtime variants to measure Check, Choose and watch cycles on ('none': skip; default int8)")
     parser.add_argument("--skip", default="",
                         help="systems to leave out, comma-separated: torch, llama, or a name such as llama-f16")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -237,6 +248,43 @@ def measure_pipeline(backend, tokenizer, image, runs: int, new_tokens: int) -> d
             "outputs": {"embeds": embeds, "logits": logits}}
 
 
+def measure_decisions(backend, tokenizer, image, runs: int) -> dict:
+    """Check, Choose and a 4-camera watch cycle against Ask's time to first token, `runs` + 1 times."""
+    from omnivision_ros.runtime.generator import GenerationConfig
+    from omnivision_ros.runtime.pipeline import FrameQuestion, Pipeline
+
+    pipeline = Pipeline(backend, tokenizer, GenerationConfig(max_new_tokens=1, stop_token_ids=()))
+    cameras = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]  # four pictures of one size, four frames
+    runs_out = []
+    for run in range(runs + 1):  # run 0 warms up
+        pipeline.clear_caches()
+        ask = pipeline.ask(image, CHECK_QUESTION, frame_key=("ask", run))
+        new = pipeline.check(image, CHECK_QUESTION, frame_key=("check", run))
+        cached = pipeline.check(image, CHECK_QUESTION, frame_key=("check", run))
+        choose = pipeline.choose(image, CHOOSE_QUESTION, CHOOSE_OPTIONS, frame_key=("check", run))
+        if not (cached.timing.vision_cache_hit and cached.timing.prefix_cache_hit and choose.timing.prefix_cache_hit):
+            raise OmniVisionError("Check and Choose on the checked frame did not reuse its embeddings and prefix")
+        pipeline.clear_caches()
+        t0 = time.perf_counter()
+        for i, picture in enumerate(cameras):
+            pipeline.check(picture, CHECK_QUESTION, frame_key=("single", run, i))
+        singles_ms = (time.perf_counter() - t0) * 1e3
+        pipeline.clear_caches()
+        t0 = time.perf_counter()
+        cycle = pipeline.check_frames([FrameQuestion(p, CHECK_QUESTION, ("cycle", run, i)) for i, p in enumerate(cameras)])
+        cycle_ms = (time.perf_counter() - t0) * 1e3
+        if run == 0:
+            continue
+        runs_out.append({"ask_ttft_ms": ask.timing.ttft_ms, "check_new_ms": new.timing.ttft_ms,
+                         "check_new_encode_ms": new.timing.encode_ms, "check_cached_ms": cached.timing.ttft_ms,
+                         "choose4_cached_ms": choose.timing.ttft_ms, "watch_cycle_ms": cycle_ms,
+                         "watch_cycle_encode_ms": cycle[0].timing.encode_ms, "four_checks_ms": singles_ms})
+    option_tokens = [len(tokenizer.encode(o)) for o in CHOOSE_OPTIONS]
+    return {"runs": runs_out, "check_prompt_tokens": int(new.timing.prompt_tokens),
+            "check_cached_prompt_tokens": int(cached.timing.prompt_tokens), "choose_option_tokens": option_tokens,
+            "outputs": {}}
+
+
 def measure_llama(path: Path, ids: np.ndarray, vocab: int, threads: int, runs: int, new_tokens: int) -> dict:
     import llama_cpp
 
@@ -300,17 +348,20 @@ def worker(args: argparse.Namespace) -> int:
         description = backend.description
         load_s = time.perf_counter() - t0
         result = measure_pipeline(backend, tokenizer, image, args.runs, args.new_tokens)
-    elif name.startswith("ort-"):
+    elif name.startswith(("ort-", "decide-")):
         from omnivision_ros.model.tokenizer import TextTokenizer
         from omnivision_ros.model.bundle import open_bundle
         from omnivision_ros.runtime.ort_backend import OrtBackend
 
         bundle = open_bundle(work / "bundle")
-        backend = OrtBackend(bundle, name[4:], threads=args.threads, device="cpu")
+        backend = OrtBackend(bundle, name.split("-", 1)[1], threads=args.threads, device="cpu")
         tokenizer = TextTokenizer.from_file(bundle.tokenizer_path)
         description = backend.description
         load_s = time.perf_counter() - t0
-        result = measure_pipeline(backend, tokenizer, image, args.runs, args.new_tokens)
+        if name.startswith("decide-"):
+            result = measure_decisions(backend, tokenizer, image, args.runs)
+        else:
+            result = measure_pipeline(backend, tokenizer, image, args.runs, args.new_tokens)
         entry = bundle.manifest["variants"][backend.variant]
         result["weight_bytes"] = sum(bundle.manifest["files"][f]["size"]
                                      for f in (entry["vision"], entry["decoder"], *entry.get("data", [])))
@@ -464,6 +515,53 @@ def targets(med: dict, ratios: dict, accuracy: dict) -> list[dict]:
     return out
 
 
+DECISION_KEYS = ("ask_ttft_ms", "check_new_ms", "check_new_encode_ms", "check_cached_ms", "choose4_cached_ms",
+                 "watch_cycle_ms", "watch_cycle_encode_ms", "four_checks_ms")
+
+
+def summarize_decisions(results: dict) -> dict:
+    """Medians, ratios and the issue's targets of each decide-<v> system."""
+    out = {}
+    for name, r in results.items():
+        med = {k: median(r, k) for k in DECISION_KEYS}
+        check = {"check_new_over_ask_ttft": _div(med["check_new_ms"], med["ask_ttft_ms"]),
+                 "watch_cycle_over_four_checks": _div(med["watch_cycle_ms"], med["four_checks_ms"])}
+        targets_out = [
+            {"target": "Check on a new frame <= 1.1x Ask TTFT on it", "value": round(check["check_new_over_ask_ttft"], 4),
+             "limit": 1.1, "met": check["check_new_over_ask_ttft"] <= 1.1},
+            {"target": "Check on a cached frame <= 100 ms", "value": round(med["check_cached_ms"], 2), "limit": 100.0,
+             "met": med["check_cached_ms"] <= 100.0},
+            {"target": "4-camera watch cycle <= 4 single Checks", "value": round(check["watch_cycle_over_four_checks"], 4),
+             "limit": 1.0, "met": check["watch_cycle_over_four_checks"] <= 1.0},
+        ]
+        out[name] = {"medians": med, "ratios": check, "targets": targets_out,
+                     "check_prompt_tokens": r["check_prompt_tokens"],
+                     "check_cached_prompt_tokens": r["check_cached_prompt_tokens"],
+                     "choose_option_tokens": r["choose_option_tokens"], "description": r["description"],
+                     "loadavg": [r["loadavg_before"], r["loadavg_after"]]}
+    return out
+
+
+def print_decisions(decisions: dict, runs: int) -> None:
+    for name, d in decisions.items():
+        m, q = d["medians"], d["ratios"]
+        load = (d["loadavg"][0][0] + d["loadavg"][1][0]) / 2
+        print(f"\ndecisions, {name} ({d['description']}; medians of {runs} runs, load 1m {load:.2f})")
+        print(f"  Ask, new frame: time to first token       {m['ask_ttft_ms']:9.1f} ms")
+        print(f"  Check, new frame                          {m['check_new_ms']:9.1f} ms  ({q['check_new_over_ask_ttft']:.3f}x "
+              f"Ask's TTFT; encode {m['check_new_encode_ms']:.1f} ms, prefill {d['check_prompt_tokens']} tokens)")
+        print(f"  Check, cached frame                       {m['check_cached_ms']:9.1f} ms  "
+              f"(prefill {d['check_cached_prompt_tokens']} tokens)")
+        print(f"  Choose, 4 options, cached frame           {m['choose4_cached_ms']:9.1f} ms  "
+              f"(option tokens {d['choose_option_tokens']})")
+        print(f"  4 watches on 4 cameras, one cycle         {m['watch_cycle_ms']:9.1f} ms  "
+              f"(batched encode {m['watch_cycle_encode_ms']:.1f} ms)")
+        print(f"  4 single Checks of new frames             {m['four_checks_ms']:9.1f} ms  "
+              f"(cycle {q['watch_cycle_over_four_checks']:.3f}x)")
+        for t in d["targets"]:
+            print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} (limit {t['limit']})")
+
+
 def _fmt(value, spec: str) -> str:
     """format(value, spec), or a dash as wide as the spec's field."""
     return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
@@ -517,6 +615,10 @@ def run(args: argparse.Namespace) -> int:
         raise OmniVisionError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.runs < 1 or args.new_tokens < 2 or args.threads < 1:
         raise OmniVisionError("--runs and --threads must be >= 1 and --new-tokens >= 2")
+    decisions = [v.strip() for v in args.decisions.split(",") if v.strip() and v.strip() != "none"]
+    unknown = [v for v in decisions if v not in VARIANTS or v == GGML_Q4_0]
+    if unknown:
+        raise OmniVisionError(f"--decisions: unknown {', '.join(unknown)}; choose from fp32, int8, int4, gpu-int4, none")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     systems = [] if "torch" in skip else ["torch"]
     for v in variants:  # each ONNX Runtime variant right after llama.cpp at its precision: same load conditions
@@ -533,12 +635,20 @@ def run(args: argparse.Namespace) -> int:
     load_start = os.getloadavg()
     print(f"[bench] load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
           f"({os.cpu_count()} CPUs)", file=sys.stderr, flush=True)
-    prepare(work, args.preset, args.seed, variants, any(s.startswith("llama") for s in systems))
+    prepare(work, args.preset, args.seed, variants + [v for v in decisions if v not in variants],
+            any(s.startswith("llama") for s in systems))
     results = {s: run_worker(args, s) for s in systems}
+    decided = {f"decide-{v}": run_worker(args, f"decide-{v}") for v in decisions}
     load_end = os.getloadavg()
-    summary = summarize(args, results, work)
-    prompt_tokens = next(iter(results.values()))["prompt_tokens"]
-    print_report(summary, results, load_start, load_end, prompt_tokens, args)
+    summary = summarize(args, results, work) if results else {"medians": {}, "ratios": {}, "accuracy": {}, "targets": []}
+    summary["decisions"] = summarize_decisions(decided)
+    prompt_tokens = next(iter(results.values()))["prompt_tokens"] if results else 0
+    if results:
+        print_report(summary, results, load_start, load_end, prompt_tokens, args)
+    else:
+        print(f"\nomnivision-bench: load avg at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
+              f"at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    print_decisions(summary["decisions"], args.runs)
     if args.json:
         report = {
             "command": " ".join(["omnivision-bench", *sys.argv[1:]]),
@@ -546,8 +656,9 @@ def run(args: argparse.Namespace) -> int:
                         "loadavg_start": load_start, "loadavg_end": load_end},
             "settings": {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads,
                          "seed": args.seed, "image": args.image, "prompt_tokens": prompt_tokens,
-                         "questions": [QUESTION, QUESTION2]},
-            "systems": {name: {k: v for k, v in r.items() if k != "tokens"} for name, r in results.items()},
+                         "questions": [QUESTION, QUESTION2], "check_question": CHECK_QUESTION,
+                         "choose": [CHOOSE_QUESTION, list(CHOOSE_OPTIONS)]},
+            "systems": {name: {k: v for k, v in r.items() if k != "tokens"} for name, r in {**results, **decided}.items()},
             **summary,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -126,6 +126,42 @@ def _learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
+# Words Qwen2.5's vocabulary holds as single tokens and the runtime reads: yes/no answers for Check
+# (runtime/decisions.py). Each becomes one token through merges appended after the learnt ones. The
+# lowercase forms are left out on both sides: a merge "n o" would split the system prompt's "Nano"
+# differently and so change every answer of the test models (Check skips forms a vocabulary lacks).
+WHOLE_WORDS = ("Yes", "YES", " Yes", " YES", "No", "NO", " No", " NO")
+
+
+def _bpe(word: tuple[str, ...], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-level pieces of one pre-split word under merges `ranks` (lowest rank merges first)."""
+    pieces = list(word)
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def _word_tokens(merges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Append to `merges` what makes each of WHOLE_WORDS one token (joining its pieces from the right, so
+    the new merges touch few other words); return the appended merges, whose results are the new tokens."""
+    table = bytes_to_unicode()
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    added = []
+    for text in WHOLE_WORDS:
+        pieces = _bpe(tuple(table[b] for b in text.encode("utf-8")), ranks)
+        while len(pieces) > 1:
+            pair = (pieces[-2], pieces[-1])
+            ranks[pair] = len(ranks)
+            merges.append(pair)
+            added.append(pair)
+            pieces[-2:] = [pair[0] + pair[1]]
+    return added
+
+
 def _filler_token(index: int) -> str:
     # Readable pseudo-words, so random-weight output is legible; reachable only by decoding.
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
@@ -149,13 +185,17 @@ def synthetic_tokenizer_json() -> str:
         if a + b not in seen:
             tokens.append(a + b)
             seen.add(a + b)
+    words = _word_tokens(merges)
     filler = 0
-    while len(tokens) < FIRST_ADDED_ID:
+    while len(tokens) < FIRST_ADDED_ID - len(words):
         candidate = _filler_token(filler)
         filler += 1
         if candidate not in seen:
             tokens.append(candidate)
             seen.add(candidate)
+    # Whole words last, so the ids of the tokens before them stay what they were before the words came.
+    for a, b in merges[len(merges) - len(words):]:
+        tokens.append(a + b)
     plain = {text: i for text, (i, control) in ADDED_TOKENS.items() if not control}
     data = tokenizer_json(tokens, [f"{a} {b}" for a, b in merges], CONTROL_TOKENS, plain)
     return json.dumps(data, ensure_ascii=False)

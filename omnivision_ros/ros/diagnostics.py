@@ -1,5 +1,5 @@
 """The node's /diagnostics entries, built directly (diagnostic_updater is not on PyPI): the model,
-the request queue, and one entry per camera; plus process memory."""
+the request queue, one entry per camera and one per standing watch; plus process memory."""
 from __future__ import annotations
 
 import os
@@ -34,14 +34,16 @@ def process_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def report(node_name: str, orchestrator, stamp, now_ns: int) -> DiagnosticArray:
+def report(node_name: str, orchestrator, stamp, now_ns: int, watches: list[dict] = ()) -> DiagnosticArray:
     """The DiagnosticArray of one node: `orchestrator` is its omnivision_ros.orchestration.Orchestrator,
-    `stamp` a builtin_interfaces/Time, `now_ns` the same time in nanoseconds (frame ages)."""
+    `stamp` a builtin_interfaces/Time, `now_ns` the same time in nanoseconds (frame ages), `watches` its
+    omnivision_ros.watches.Watches.snapshot()."""
     array = DiagnosticArray()
     array.header.stamp = stamp
     array.status = [model_status(node_name, orchestrator), request_status(node_name, orchestrator)]
     array.status += [camera_status(node_name, feed, now_ns, orchestrator.config.max_frame_age_s)
                      for feed in orchestrator.feeds.values()]
+    array.status += [watch_status(node_name, watch) for watch in watches]
     return array
 
 
@@ -85,3 +87,17 @@ def camera_status(node_name: str, feed: CameraFeed, now_ns: int, max_age_s: floa
     if max_age_s >= 0 and age > max_age_s:
         return status(name, WARN, f"stale: newest frame {age:.1f} s old", values)
     return status(name, OK, f"{values['rate_hz']:g} Hz", values)
+
+
+def watch_status(node_name: str, watch: dict) -> DiagnosticStatus:
+    """One standing watch: its definition, state, last probability and counters (skipped_busy: cycles lost
+    to requests)."""
+    name = f"{node_name}: watch {watch['name']}"
+    values = {key: value for key, value in watch.items() if key != "name"}
+    if watch["evaluations"] == 0:
+        why = f"; last error: {watch['last_error']}" if watch["failures"] else ""
+        return status(name, WARN if watch["failures"] else OK, f"no evaluation yet{why}", values)
+    message = f"{'true' if watch['state'] else 'false'} (p_yes {watch['last_probability']:.3f})"
+    if watch["last_error"] != "-":
+        return status(name, WARN, f"{message}; last error: {watch['last_error']}", values)
+    return status(name, OK, message, values)

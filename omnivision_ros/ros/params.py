@@ -2,7 +2,8 @@
 
 Cameras are `camera_names` (a string array) plus `cameras.<name>.topic` and
 `cameras.<name>.transport`, declared after the names are read: ROS parameters cannot hold a
-list of dicts.
+list of dicts. Standing watches likewise: `watch_names` plus `watches.<name>.camera`, `.question`,
+`.rate_hz`, `.on_threshold`, `.off_threshold`, `.min_frames`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from omnivision_ros.errors import OmniVisionError
 from omnivision_ros.model.prompt import TASKS
 from omnivision_ros.ros.frames import TRANSPORTS
 from omnivision_ros.runtime.backend import BACKENDS
+from omnivision_ros.watches import DEFAULTS as WATCH_DEFAULTS
+from omnivision_ros.watches import MAX_RATE_HZ, WatchSpec, check_watch
 
 
 # name, default, description (one line per parameter; config/omnivision.yaml documents each).
@@ -50,6 +53,23 @@ PARAMETERS = (
     ("vision_cache_size", 8, "Frames whose image embeddings are kept, so more questions on a frame skip the encoder."),
     ("prefix_cache_size", 4, "Frames whose prompt prefix (system + image) KV cache is kept for reuse."),
     ("question_max_chars", 2000, "Longest question accepted, in characters (the model's context also bounds it)."),
+    ("check_threshold", 0.5, "~/check answers yes when p_yes reaches this, unless the request passes its own threshold."),
+    ("choose_max_options", 16, "Most options a ~/choose request may list."),
+    ("choose_max_option_tokens", 64, "Longest option of a ~/choose request, in tokens."),
+)
+# Declared with dynamic typing: an empty list default is typed as bytes, and a list of names is strings.
+WATCH_NAMES = ("watch_names", "Names of the standing yes/no watches started with the node; each needs "
+                              "watches.<name>.question (and optionally camera, rate_hz, on_threshold, "
+                              "off_threshold, min_frames). More can be added at run time with ~/add_watch.")
+WATCH_PARAMETERS = (
+    ("camera", "", "Camera of watch '{name}'; empty = default_camera."),
+    ("question", "", "Yes/no question of watch '{name}'."),
+    ("rate_hz", WATCH_DEFAULTS["rate_hz"], f"Evaluations per second of watch '{{name}}', at most {MAX_RATE_HZ:g}; "
+                                           "each frame is evaluated at most once."),
+    ("on_threshold", WATCH_DEFAULTS["on_threshold"], "Watch '{name}' votes true when p_yes is at least this."),
+    ("off_threshold", WATCH_DEFAULTS["off_threshold"], "Watch '{name}' votes false when p_yes is below this "
+                                                       "(at most on_threshold)."),
+    ("min_frames", WATCH_DEFAULTS["min_frames"], "Consecutive votes that flip the state of watch '{name}'."),
 )
 
 
@@ -84,6 +104,10 @@ class NodeConfig:
     vision_cache_size: int
     prefix_cache_size: int
     question_max_chars: int
+    check_threshold: float = 0.5
+    choose_max_options: int = 16
+    choose_max_option_tokens: int = 64
+    watches: tuple[WatchSpec, ...] = ()
 
 
 def _descriptor(name: str, description: str, dynamic_typing: bool = False) -> ParameterDescriptor:
@@ -136,7 +160,8 @@ def declare_and_read(node) -> NodeConfig:
         raise OmniVisionError(f"task is '{values['task']}'; choose one of {', '.join(TASKS)}")
     if values["backend"] not in BACKENDS:
         raise OmniVisionError(f"backend is '{values['backend']}'; choose one of {', '.join(BACKENDS)}")
-    for name in ("queue_size", "max_new_tokens", "max_image_pixels", "question_max_chars"):
+    for name in ("queue_size", "max_new_tokens", "max_image_pixels", "question_max_chars", "choose_max_options",
+                 "choose_max_option_tokens"):
         if values[name] < 1:
             raise OmniVisionError(f"{name} must be at least 1, got {values[name]}")
     for name in ("describe_rate_hz", "request_timeout_s", "temperature", "vision_cache_size", "prefix_cache_size"):
@@ -146,6 +171,11 @@ def declare_and_read(node) -> NodeConfig:
         raise OmniVisionError(f"top_p must be in (0, 1], got {values['top_p']}")
     if not str(values["describe_prompt"]).strip():
         raise OmniVisionError("describe_prompt is empty")
+    if not 0 < values["check_threshold"] <= 1:
+        raise OmniVisionError(f"check_threshold must be in (0, 1], got {values['check_threshold']}")
+    watches = _declare_watches(node, names, default_camera, int(values["question_max_chars"]))
+    if watches and values["task"] != "vqa":
+        raise OmniVisionError(f"watch_names lists watches, but task is '{values['task']}': yes/no watches need task vqa")
 
     return NodeConfig(
         model=str(values["model"]),
@@ -170,4 +200,33 @@ def declare_and_read(node) -> NodeConfig:
         vision_cache_size=int(values["vision_cache_size"]),
         prefix_cache_size=int(values["prefix_cache_size"]),
         question_max_chars=int(values["question_max_chars"]),
+        check_threshold=float(values["check_threshold"]),
+        choose_max_options=int(values["choose_max_options"]),
+        choose_max_option_tokens=int(values["choose_max_option_tokens"]),
+        watches=watches,
     )
+
+
+def _declare_watches(node, cameras: list[str], default_camera: str, question_max_chars: int) -> tuple[WatchSpec, ...]:
+    # `watch_names: []` in a parameter file sets it to "not set" (None).
+    names = node.declare_parameter(WATCH_NAMES[0], [], _descriptor(WATCH_NAMES[0], WATCH_NAMES[1], True)).value or []
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise OmniVisionError(f"watch_names must be a list of names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise OmniVisionError(f"watch_names has duplicates: {list(names)}")
+    watches = []
+    for name in names:
+        if not name or not name.replace("_", "").isalnum():
+            raise OmniVisionError(f"watch name '{name}' must be letters, digits and underscores")
+        fields = {}
+        for field, default, description in WATCH_PARAMETERS:
+            key = f"watches.{name}.{field}"
+            is_float = isinstance(default, float)
+            value = node.declare_parameter(key, default, _descriptor(key, description.format(name=name), is_float)).value
+            fields[field] = _number(key, value) if is_float else value
+        if not str(fields["question"]).strip():
+            raise OmniVisionError(f"watches.{name}.question is empty; give watch '{name}' a yes/no question")
+        spec = WatchSpec(name, str(fields["camera"]), str(fields["question"]), fields["rate_hz"], fields["on_threshold"],
+                         fields["off_threshold"], int(fields["min_frames"]))
+        watches.append(check_watch(spec, cameras, default_camera, question_max_chars))
+    return tuple(watches)
