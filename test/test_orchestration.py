@@ -32,7 +32,7 @@ def picture(seed: int) -> np.ndarray:
 
 
 def config(model: str, **changes) -> NodeConfig:
-    values = dict(model=model, backend="onnxruntime", threads=1, precision=None, task="vqa", lm_file=None, mmproj_file=None,
+    values = dict(model=model, backend="onnxruntime", threads=1, precision=None,
                   cameras=(CameraConfig("front", "/front/image_raw", "raw"),), default_camera="front",
                   describe_prompt="Describe this image.", describe_rate_hz=0.0, max_new_tokens=6, temperature=0.0,
                   top_p=1.0, seed=None, max_frame_age_s=5.0, queue_size=2, request_timeout_s=30.0,
