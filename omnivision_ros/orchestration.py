@@ -214,6 +214,8 @@ class Orchestrator:
     def _loaded(self, worker: InferenceWorker) -> None:
         if worker.state == READY:
             self.log.info(f"model ready in {worker.load_s:.1f} s: {self.backend_name} ({self.backend_description})")
+            if worker.model.check_error:
+                self.log.warning(f"~/check and standing watches will be refused: {worker.model.check_error}")
         elif worker.state == FAILED:
             self.log.error(f"model not loaded, every request will be refused: {worker.load_error}")
 

@@ -171,8 +171,13 @@ class Watches:
         orchestrator = self.orchestrator
         if not orchestrator.ready:
             return 0
+        unavailable = orchestrator.check_unavailable()  # e.g. a vocabulary without yes/no tokens: said once at load
         now = self.clock()
         with self._lock:
+            if unavailable:
+                for watch in self.watches.values():
+                    watch.last_error = unavailable
+                return 0
             if self._cycle is not None and not self._cycle.done:
                 return 0  # the previous cycle still runs: due watches wait for the next tick, never queue
             ready = []

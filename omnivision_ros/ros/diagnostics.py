@@ -21,7 +21,11 @@ def status(name: str, level, message: str, values: dict, hardware_id: str = "omn
 
 def _text(value) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
+        if value != value:
+            return "nan"
+        if value != 0 and abs(value) < 1e-3:  # e.g. a yes/no mass of 5e-05 is not 0
+            return f"{value:.3g}"
+        return f"{value:.3f}".rstrip("0").rstrip(".")
     return str(value)
 
 

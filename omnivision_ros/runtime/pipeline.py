@@ -177,7 +177,8 @@ class Pipeline:
         log: Callable[[str], None] | None = None,
     ):
         """task: "vqa" (answer the question) or "ocr" (the OCR variant's prompt, which has no question).
-        `log` receives notes about the vocabulary (yes/no spellings it lacks)."""
+        `log` receives a note on the yes/no spellings the vocabulary lacks; when it holds none of yes or of
+        no, `check_error` says so and checks raise it."""
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
@@ -192,13 +193,10 @@ class Pipeline:
             self.answer_tokens = AnswerTokens.resolve(tokenizer)
         except OmniVisionError as exc:
             self.check_error = str(exc)
-        if log is not None:
-            if self.check_error:
-                log(f"yes/no checks unavailable: {self.check_error}")
-            elif self.answer_tokens.skipped:
-                log(f"yes/no checks read {len(self.answer_tokens.yes_ids)} yes and {len(self.answer_tokens.no_ids)} "
-                    f"no tokens; not single tokens in this vocabulary, skipped: "
-                    f"{', '.join(repr(w) for w in self.answer_tokens.skipped)}")
+        if log is not None and self.answer_tokens is not None and self.answer_tokens.skipped:
+            log(f"yes/no checks read {len(self.answer_tokens.yes_ids)} yes and {len(self.answer_tokens.no_ids)} "
+                f"no tokens; not single tokens in this vocabulary, skipped: "
+                f"{', '.join(repr(w) for w in self.answer_tokens.skipped)}")
 
     def image_embeddings(self, image: ImageSource, key: Hashable, color_order: str = "bgr") -> tuple[np.ndarray, bool]:
         """[mp_tokens, lm_hidden] embeddings of a frame, from the cache when possible."""
