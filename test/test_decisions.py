@@ -378,3 +378,22 @@ def test_check_and_choose_requests_are_checked_on_arrival(tiny_bundle):
         assert all("need task vqa" in r.error for r in replies) and len(replies) == 2
     finally:
         ocr.close()
+
+
+def test_watches_wait_without_failing_when_the_model_cannot_check(tiny_bundle):
+    orchestrator, feeds = started(node_config(str(tiny_bundle)))
+    try:
+        watches = Watches(orchestrator, Evaluations(), logging.getLogger("test"))
+        watches.add(WatchSpec("door", "front", QUESTION, rate_hz=5.0))
+        # As a vocabulary without single-token yes/no leaves the loaded pipeline (see the test above).
+        pipeline = orchestrator.worker.model
+        pipeline.answer_tokens, pipeline.check_error = None, "the model's vocabulary holds no spelling of 'yes'"
+        feeds["front"].store(image_msg(picture(3), stamp(time.time()), "front"), time.time_ns())
+        assert watches.tick() == 0 and watches._cycle is None  # nothing submitted, nothing counted as failed
+        (door,) = watches.snapshot()
+        assert (door["evaluations"], door["failures"]) == (0, 0) and door["last_error"] == pipeline.check_error
+        replies = []
+        assert orchestrator.submit_check(Request("check", "", QUESTION), 0.0, replies.append) is None
+        assert replies[-1].error == pipeline.check_error and not replies[-1].success
+    finally:
+        orchestrator.close()
