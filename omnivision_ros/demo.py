@@ -3,8 +3,8 @@
 Makes sure a tiny model bundle exists (exports the `tiny` preset, random weights, into
 engines/tiny once), starts omnivision_node as a subprocess, publishes a picture as a camera
 would, calls ~/ask twice on the same frame (the second reuses the image embeddings and the
-prompt prefix) and ~/describe, prints the answers with their timings, then stops the node with
-SIGINT like Ctrl-C would.
+prompt prefix), ~/describe and ~/check (yes/no with a probability, on the same frame), prints
+the answers with their timings, then stops the node with SIGINT like Ctrl-C would.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from omnivision_interfaces.srv import Ask, Describe
+    from omnivision_interfaces.srv import Ask, Check, Describe
     from omnivision_ros.ros.client import BackgroundNode, image_msg
 
     picture = cv2.imread(args.image, cv2.IMREAD_COLOR)
@@ -158,6 +158,18 @@ def run(args: argparse.Namespace) -> int:
                 "(image embeddings and prompt prefix reused)")
         described = client.call(describe, Describe.Request(max_age_s=10.0), timeout_s=30.0)
         show("describe", described)
+        check = client.node.create_client(Check, f"{NODE}/check")
+        client.wait_for(check.service_is_ready, DEADLINE_S, f"{NODE}/check")
+        decided = client.call(check, Check.Request(question=args.question, max_age_s=10.0), timeout_s=30.0)
+        if decided.success:
+            say(f"check {args.question!r} -> {'yes' if decided.answer else 'no'}, p_yes {decided.probability:.4f}, "
+                f"yes/no mass {decided.yes_no_mass:.3g} (a random model barely answers yes/no: low mass)")
+            t = decided.timing
+            say(f"    decision {t.ttft_ms:.1f} ms | prefill {t.prefill_ms:.1f} ms ({t.prompt_tokens} tokens), no decoding"
+                + (" | vision cache hit, prefix cache hit" if t.vision_cache_hit and t.prefix_cache_hit else ""))
+        else:
+            stale = "" if args.model else " (a bundle from an older version: delete engines/tiny to re-export it)"
+            say(f"check {args.question!r} failed: {decided.error}{stale}")
     finally:
         client.close()
         code = stop_node(node)
