@@ -13,6 +13,7 @@ default). The shipped config names no model: the node then stays up and says in 
 /diagnostics and in every response how to give it one.
 """
 import os
+from pathlib import Path
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
@@ -21,6 +22,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from omnivision_ros.launch_args import check_log_level, parameter_overrides, parse_bool
+from omnivision_ros.ros.dds import profile_environment
 
 ARGUMENTS = (
     ("model", "", "Model bundle directory written by omnivision-export (or a folder of GGUF files, or a "
@@ -42,23 +44,12 @@ ARGUMENTS = (
                         "Jazzy, Kilted), large_data (Kilted and later), or a path to an XML profile; empty = "
                         "none. The camera driver needs the same profile (docs/node.md, Camera intake)"),
 )
-# Shipped Fast DDS profiles (config/*.xml).
-DDS_PROFILES = {"large_data": "fastdds_large_data.xml", "shm": "fastdds_shm.xml"}
 
 
 def dds_profile_environment(profile: str) -> list:
-    """The dds_profile argument as the variable Fast DDS reads: FASTRTPS_DEFAULT_PROFILES_FILE (2.x:
-    Humble, Jazzy), FASTDDS_DEFAULT_PROFILES_FILE (3.x: Kilted on); both where ROS_DISTRO is not set
-    (3.x reads both, warning about the old name)."""
-    if not profile:
-        return []
-    if profile in DDS_PROFILES:
-        profile = os.path.join(get_package_share_directory("omnivision_ros"), "config", DDS_PROFILES[profile])
-    distro = os.environ.get("ROS_DISTRO", "")
-    names = ["FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"]
-    if distro:
-        names = names[1:] if distro in ("humble", "iron", "jazzy") else names[:1]
-    return [SetEnvironmentVariable(name, profile) for name in names]
+    """The dds_profile argument as the variable(s) Fast DDS reads (omnivision_ros.ros.dds)."""
+    share = Path(get_package_share_directory("omnivision_ros")) / "config"
+    return [SetEnvironmentVariable(name, path) for name, path in profile_environment(profile, share).items()]
 
 
 def launch_node(context):

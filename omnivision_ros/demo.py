@@ -70,6 +70,23 @@ def params_file() -> str | None:
         return None
 
 
+def use_large_frame_profile() -> None:
+    """Raw 640x480 frames need a Fast DDS profile on the camera and the node (docs/node.md, Camera
+    intake): the shipped shm profile for this process (the camera) and the node it starts, unless the
+    environment names a profile already. Fast DDS replaces a profile's transports when discovery is
+    limited to localhost, so the discovery range is the subnet's (ROS 2's default) for this run."""
+    from omnivision_ros.ros.dds import PROFILE_VARIABLES, profile_environment
+
+    if any(os.environ.get(name) for name in PROFILE_VARIABLES):
+        say("using the Fast DDS profile the environment names")
+        return
+    environment = profile_environment("shm")
+    os.environ.update(environment)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "SUBNET"
+    say(f"raw camera frames: the shipped Fast DDS profile {next(iter(environment.values()))} for the camera "
+        "and the node (discovery range SUBNET), as docs/node.md recommends")
+
+
 def start_node(model: str, max_new_tokens: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "omnivision_ros.node", "--ros-args", "-r", f"__ns:={NAMESPACE}"]
     config = params_file()
@@ -116,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, note = ensure_tiny_bundle(Path("engines") / "tiny")
     say(note)
-    # Keep the demo's DDS traffic on this machine unless the user configured discovery.
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    use_large_frame_profile()
 
     node = start_node(model, args.max_new_tokens)
     client = BackgroundNode("omnivision_demo_client")

@@ -7,21 +7,13 @@ shared); the strict figures come from the benchmark itself (docs/node.md)."""
 import json
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 
+from omnivision_ros.ros.dds import fast_dds_major
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fast_dds_major() -> int:
-    for dist in ("ros-fastdds", "ros-fastrtps"):  # the PyPI wheels' names (Kilted, Jazzy)
-        try:
-            return int(version(dist).split(".")[0])
-        except PackageNotFoundError:
-            continue
-    return 0  # a ROS 2 install: unknown
 
 
 # shm works on every distribution; LARGE_DATA delivered nothing extra on Jazzy's Fast DDS 2.14 (docs/node.md).

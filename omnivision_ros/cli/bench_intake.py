@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from omnivision_ros.errors import OmniVisionError, run_command
+from omnivision_ros.ros.dds import PROFILE_VARIABLES, profile_environment, profiles_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = PACKAGE_DIR / "data" / "sample.jpg"
@@ -47,10 +48,7 @@ RESULT_TAG = "INTAKE_RESULT "
 # diagnostics message sent meanwhile), then streams the counted frames.
 WARM_UP_S, PAUSE_S = 1.0, 1.6
 DDS_SETTINGS = ("default", "large_data", "shm", "large_data_node_only")
-PROFILE_FILES = {"large_data": "fastdds_large_data.xml", "shm": "fastdds_shm.xml",
-                 "large_data_node_only": "fastdds_large_data.xml"}
-_DDS_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_BUILTIN_TRANSPORTS",
-                  "RMW_FASTRTPS_USE_QOS_FROM_XML")
+_DDS_VARIABLES = (*PROFILE_VARIABLES, "FASTDDS_BUILTIN_TRANSPORTS", "RMW_FASTRTPS_USE_QOS_FROM_XML")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,43 +88,13 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def profiles_dir(arg: str | None) -> Path:
-    """The package's config/ folder: in the source checkout, else the installed share directory."""
-    if arg:
-        return Path(arg)
-    source = PACKAGE_DIR.parent / "config"
-    if (source / PROFILE_FILES["large_data"]).is_file():
-        return source
-    from ament_index_python.packages import get_package_share_directory
-
-    return Path(get_package_share_directory("omnivision_ros")) / "config"
-
-
-def profile_variables() -> tuple[str, ...]:
-    """The variable naming a Fast DDS XML profile: FASTRTPS_DEFAULT_PROFILES_FILE for Fast DDS 2.x
-    (Humble, Jazzy), FASTDDS_DEFAULT_PROFILES_FILE for 3.x (Kilted on), both when unknown (3.x
-    reads both but warns about the old name)."""
-    distro = os.environ.get("ROS_DISTRO", "")
-    if distro:
-        return ("FASTRTPS_DEFAULT_PROFILES_FILE",) if distro in ("humble", "iron", "jazzy") else \
-            ("FASTDDS_DEFAULT_PROFILES_FILE",)
-    try:
-        from importlib.metadata import version
-
-        major = int(version("ros-fastdds").split(".")[0])  # the PyPI wheels
-    except Exception:
-        return "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"
-    return ("FASTDDS_DEFAULT_PROFILES_FILE",) if major >= 3 else ("FASTRTPS_DEFAULT_PROFILES_FILE",)
-
-
 def dds_environment(setting: str, directory: Path, domain_id: int) -> tuple[dict, dict]:
     """(environment of the node, environment of the publishers and the observer) for a DDS setting."""
     base = {k: v for k, v in os.environ.items() if k not in _DDS_VARIABLES}
     base.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="SUBNET", PYTHONUNBUFFERED="1")
     if setting == "default":
         return base, base
-    profile = str(directory / PROFILE_FILES[setting])
-    with_profile = dict(base, **{name: profile for name in profile_variables()})
+    with_profile = dict(base, **profile_environment(setting.replace("_node_only", ""), directory))
     return with_profile, (base if setting == "large_data_node_only" else with_profile)
 
 
@@ -330,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
             raise OmniVisionError(f"DDS setting '{d}': choose among {', '.join(DDS_SETTINGS)}")
     if args.cameras < 1 or args.runs < 1 or args.seconds <= 0:
         raise OmniVisionError("--cameras and --runs must be at least 1, --seconds positive")
-    directory = profiles_dir(args.profiles_dir)
+    directory = Path(args.profiles_dir) if args.profiles_dir else profiles_dir()
     domain_id = int(os.environ.get("ROS_DOMAIN_ID") or 100 + os.getpid() % 100)
     node_cwd = args.node_cwd or os.getcwd()
     load_start = os.getloadavg()
