@@ -25,9 +25,6 @@ settings of model/variants.py.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -378,11 +375,6 @@ def build_vision(w: WeightSource, config: OmniVisionConfig, spec: Quantization) 
     )
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-
-
 # ---------------------------------------------------------------------------------------------
 # Bundle
 
@@ -417,22 +409,13 @@ def add_cpu_variants(bundle_path: str | Path, kinds: list[str] | tuple[str, ...]
     written = []
     with tqdm(total=2 * len(todo), desc="cpu variants", unit="graph", disable=not progress) as bar:
         for spec in todo:
-            staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=root))
-            try:
+            with mf.staged_variant(root, spec.name) as staging:
                 bar.set_description(f"{spec.name} vision")
-                _save(build_vision(vision_w, config, spec.quantization), staging / "vision.onnx")
+                mf.save_graph(build_vision(vision_w, config, spec.quantization), staging / "vision.onnx")
                 bar.update()
                 bar.set_description(f"{spec.name} decoder")
-                _save(build_decoder(decoder_w, config, spec.quantization), staging / "decoder.onnx")
+                mf.save_graph(build_decoder(decoder_w, config, spec.quantization), staging / "decoder.onnx")
                 bar.update()
-                os.chmod(staging, 0o755)
-                target = root / spec.name
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(staging, target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             manifest = mf.read_manifest(root)
             entry = mf.variant_entry(root, spec, derived_from="fp32", description=describe(spec))
             manifest["variants"][spec.name] = entry

@@ -19,9 +19,6 @@ DequantizeLinear + MatMul into MatMulNBits with int8 activations, which the ONNX
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -224,19 +221,9 @@ def add_gpu_int4(bundle_path: str | Path, force: bool = False) -> bool:
     problems = int4_graph_problems(model, spec.quantization)
     if problems:
         raise OmniVisionError("the gpu-int4 decoder breaks the TensorRT INT4 form: " + "; ".join(problems[:5]))
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=root))
-    try:
-        onnx.save_model(model, str(staging / "decoder.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="decoder.onnx.data", size_threshold=1024)
+    with mf.staged_variant(root, spec.name) as staging:
+        mf.save_graph(model, staging / "decoder.onnx")
         del model
-        os.chmod(staging, 0o755)
-        target = root / spec.name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     manifest = mf.read_manifest(root)
     vision = bundle.manifest["variants"]["fp16"]["vision"]
     entry = mf.variant_entry(root, spec, graphs={"vision": vision}, derived_from="fp16",

@@ -12,7 +12,10 @@ import importlib.metadata
 import json
 import os
 import platform
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -97,6 +100,30 @@ def new_manifest(config: OmniVisionConfig, source: str, **details) -> dict:
         "variants": {},
         "files": {},
     }
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """An ONNX graph with its weights in one external file next to it (`<name>.data`)."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+@contextmanager
+def staged_variant(root: Path, name: str) -> Iterator[Path]:
+    """A scratch folder inside the bundle `root` to write one variant's files into: it replaces
+    root/name when the block ends, and is removed when the block raises, so no reader ever sees a
+    half-written variant."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        target = Path(root) / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def read_manifest(root: Path) -> dict:
