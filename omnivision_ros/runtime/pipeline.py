@@ -9,11 +9,12 @@ a second question about a frame only prefills its own tokens. Yes/no checks of s
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence, Union
+from typing import Callable, Hashable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -234,6 +235,25 @@ class Pipeline:
                 out[key] = (frame_embeds, False)
         return out, (time.perf_counter() - t0) * 1e3
 
+    @contextlib.contextmanager
+    def _prefilled(self, image: ImageSource, key: Hashable, color_order: str,
+                   prompt: np.ndarray) -> Iterator[tuple[DecoderSession, np.ndarray, Timing]]:
+        """The frame's prompt-prefix session (cached, or prefilled with its image now) with `prompt`
+        prefilled after it: (session, next-token logits, Timing with encode, prefill, prompt tokens and
+        cache hits). The session is closed when the block ends."""
+        timing = Timing()
+        t0 = time.perf_counter()
+        embeds, timing.vision_cache_hit = self.image_embeddings(image, key, color_order)
+        t1 = time.perf_counter()
+        session, timing.prefix_cache_hit = self._prefix_session(key, embeds)
+        try:
+            logits = session.prefill(prompt)
+            timing.encode_ms, timing.prefill_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+            timing.prompt_tokens = len(prompt) + (0 if timing.prefix_cache_hit else len(self.prompts.prefix_ids))
+            yield session, logits, timing
+        finally:
+            session.close()
+
     def _prefix_session(self, key: Hashable, embeds: np.ndarray) -> tuple[DecoderSession, bool]:
         cached = self.prefix_cache.get(key)
         if cached is not None:
@@ -267,29 +287,15 @@ class Pipeline:
         gen.validate()
         question_ids = self.prompts.question_ids(question, gen.max_new_tokens)
         key = self._key(image, frame_key, color_order)
-        timing = Timing()
+        generated: list[int] = []
 
-        t0 = time.perf_counter()
-        embeds, timing.vision_cache_hit = self.image_embeddings(image, key, color_order)
-        t1 = time.perf_counter()
-        session, timing.prefix_cache_hit = self._prefix_session(key, embeds)
-        try:
-            logits = session.prefill(question_ids)
-            t2 = time.perf_counter()
-            generated: list[int] = []
+        def on_token(token: int) -> None:
+            generated.append(token)
+            if on_text is not None:
+                on_text(visible_answer(self.tokenizer.decode(generated)))
 
-            def on_token(token: int) -> None:
-                generated.append(token)
-                if on_text is not None:
-                    on_text(visible_answer(self.tokenizer.decode(generated)))
-
+        with self._prefilled(image, key, color_order, question_ids) as (session, logits, timing):
             result = decode(session, logits, gen, on_token, should_stop)
-        finally:
-            session.close()
-
-        timing.encode_ms = (t1 - t0) * 1e3
-        timing.prefill_ms = (t2 - t1) * 1e3
-        timing.prompt_tokens = len(question_ids) + (0 if timing.prefix_cache_hit else len(self.prompts.prefix_ids))
         timing.ttft_ms = (result.first_token_time - start) * 1e3
         timing.decode_ms = result.decode_s * 1e3
         timing.new_tokens = len(result.token_ids)
@@ -372,21 +378,11 @@ class Pipeline:
         option_ids = option_token_ids(self.tokenizer, options, max_option_tokens)
         prompt = self._answer_prompt(question, max(ids.size for ids in option_ids))
         key = self._key(image, frame_key, color_order)
-        timing = Timing()
-        t0 = time.perf_counter()
-        embeds, timing.vision_cache_hit = self.image_embeddings(image, key, color_order)
-        t1 = time.perf_counter()
-        session, timing.prefix_cache_hit = self._prefix_session(key, embeds)
-        try:
-            logits = session.prefill(prompt)
+        with self._prefilled(image, key, color_order, prompt) as (session, logits, timing):
             t2 = time.perf_counter()
             sums = score_options(session, logits, option_ids, should_stop)
-        finally:
-            session.close()
         t3 = time.perf_counter()
-        timing.encode_ms, timing.prefill_ms, timing.decode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
-        timing.ttft_ms = (t3 - start) * 1e3
-        timing.prompt_tokens = len(prompt) + (0 if timing.prefix_cache_hit else len(self.prompts.prefix_ids))
+        timing.decode_ms, timing.ttft_ms = (t3 - t2) * 1e3, (t3 - start) * 1e3
         nan = float("nan")
         means = [nan if s is None else s / ids.size for s, ids in zip(sums, option_ids)]
         if any(s is None for s in sums):
