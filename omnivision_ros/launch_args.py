@@ -5,15 +5,13 @@ its own. An empty argument leaves the value of the parameter file in force.
 """
 from __future__ import annotations
 
-import re
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import OmniVisionError, check_name
 from omnivision_ros.model.variants import PRECISIONS
 from omnivision_ros.ros.frames import TRANSPORTS
 from omnivision_ros.runtime.backend import BACKENDS
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
-_CAMERA_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -31,8 +29,7 @@ def parse_cameras(text: str) -> dict:
         name, topic = name.strip(), topic.strip()
         if not sep or not name or not topic:
             raise OmniVisionError(f"cameras: '{entry}' is not NAME=TOPIC (e.g. front=/front/image_raw)")
-        if not _CAMERA_NAME.match(name):
-            raise OmniVisionError(f"cameras: camera name '{name}' must be letters, digits and underscores")
+        check_name("cameras: camera name", name)
         if name in cameras:
             raise OmniVisionError(f"cameras: camera '{name}' is given twice")
         topic, sep, transport = topic.partition(":")

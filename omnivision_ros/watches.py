@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import OmniVisionError, check_name
 from omnivision_ros.worker import DONE
 
 TICK_S = 0.05  # how often the node looks for due watches
@@ -46,8 +46,7 @@ class WatchSpec:
 def check_watch(spec: WatchSpec, cameras: Sequence[str], default_camera: str, question_max_chars: int) -> WatchSpec:
     """The watch with its camera resolved, or an OmniVisionError saying what is wrong with it."""
     name = spec.name
-    if not name or not name.replace("_", "").isalnum() or not name.isascii():
-        raise OmniVisionError(f"watch name '{name}' must be letters, digits and underscores")
+    check_name("watch name", name)
     camera = spec.camera or default_camera
     if camera not in cameras:
         raise OmniVisionError(f"watch '{name}': unknown camera '{camera}'; cameras: {', '.join(cameras)}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from rcl_interfaces.msg import ParameterDescriptor
 
-from omnivision_ros.errors import OmniVisionError
+from omnivision_ros.errors import OmniVisionError, check_name
 from omnivision_ros.model.prompt import TASKS
 from omnivision_ros.ros.frames import TRANSPORTS
 from omnivision_ros.runtime.backend import BACKENDS
@@ -137,8 +137,7 @@ def declare_and_read(node) -> NodeConfig:
         raise OmniVisionError(f"camera_names has duplicates: {names}")
     cameras = []
     for cam in names:
-        if not cam or not cam.replace("_", "").isalnum():
-            raise OmniVisionError(f"camera name '{cam}' must be letters, digits and underscores")
+        check_name("camera name", cam)
         topic = node.declare_parameter(
             f"cameras.{cam}.topic", f"{cam}/image_raw",
             _descriptor(f"cameras.{cam}.topic", f"Image topic of camera '{cam}' (relative names follow the "
@@ -216,8 +215,7 @@ def _declare_watches(node, cameras: list[str], default_camera: str, question_max
         raise OmniVisionError(f"watch_names has duplicates: {list(names)}")
     watches = []
     for name in names:
-        if not name or not name.replace("_", "").isalnum():
-            raise OmniVisionError(f"watch name '{name}' must be letters, digits and underscores")
+        check_name("watch name", name)
         fields = {}
         for field, default, description in WATCH_PARAMETERS:
             key = f"watches.{name}.{field}"
